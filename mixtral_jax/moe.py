@@ -1,0 +1,68 @@
+"""The sparse MoE block: router looked up by name, stacked SwiGLU experts, dispatch looked up by name."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mixtral_jax.dispatch import DISPATCHERS
+from mixtral_jax.layers import normal_param
+from mixtral_jax.routers import ROUTERS
+
+
+class SwiGLU(nnx.Module):
+  """A dense always-on FFN (DeepSeekMoE shared experts): w2(silu(x w1) * (x w3))."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.w1 = normal_param(rngs, (dim, hidden), param_dtype, ("embed", "mlp"))
+    self.w3 = normal_param(rngs, (dim, hidden), param_dtype, ("embed", "mlp"))
+    self.w2 = normal_param(rngs, (hidden, dim), param_dtype, ("mlp", "embed"))
+    self.dtype = dtype
+
+  def __call__(self, x):  # [N, D] -> [N, D]
+    dt = self.dtype
+    x = x.astype(dt)
+    h = jax.nn.silu(x @ self.w1[...].astype(dt)) * (x @ self.w3[...].astype(dt))  # [N, F]
+    return h @ self.w2[...].astype(dt)
+
+
+class MoEBlock(nnx.Module):
+  """Routes each token to experts and sums their outputs; returns what it computed, no losses."""
+
+  def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, *, router: str,
+               router_options: dict, dispatch: str, capacity_factor: float, num_shared_experts: int,
+               router_jitter: float, dtype, param_dtype, rngs: nnx.Rngs):
+    self.router = ROUTERS.get(router)(dim, num_experts, top_k, param_dtype=param_dtype, rngs=rngs,
+                                      **router_options)
+    self.w1 = normal_param(rngs, (num_experts, dim, ffn_dim), param_dtype, ("expert", "embed", "mlp"))
+    self.w3 = normal_param(rngs, (num_experts, dim, ffn_dim), param_dtype, ("expert", "embed", "mlp"))
+    self.w2 = normal_param(rngs, (num_experts, ffn_dim, dim), param_dtype, ("expert", "mlp", "embed"))
+    self.shared = (SwiGLU(dim, ffn_dim * num_shared_experts, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                   if num_shared_experts else None)
+    self.dispatch = dispatch
+    self.capacity_factor = capacity_factor
+    self.router_jitter = router_jitter
+    self.dtype = dtype
+
+  def __call__(self, x, *, token_ids=None, train=False, key=None):
+    """x [B, T, D] -> (y [B, T, D], RouterOutput with [B, T, ...] leaves, stats dict)."""
+    b, t, d = x.shape
+    flat = x.reshape(b * t, d)  # [N, D]
+    router_key = jitter_key = None
+    if key is not None:
+      router_key, jitter_key = jax.random.split(key)
+    router_in = flat
+    if train and self.router_jitter > 0 and jitter_key is not None:
+      # Multiplicative jitter on the router's input only (the experts see the clean x).
+      noise = jax.random.uniform(jitter_key, flat.shape, jnp.float32,
+                                 1.0 - self.router_jitter, 1.0 + self.router_jitter)
+      router_in = flat.astype(jnp.float32) * noise
+    ids = None if token_ids is None else token_ids.reshape(b * t)
+    route = self.router(router_in, token_ids=ids, train=train, key=router_key)
+    y, stats = DISPATCHERS.get(self.dispatch)(
+        flat, route, self.w1[...], self.w3[...], self.w2[...], dtype=self.dtype,
+        capacity_factor=self.capacity_factor)
+    if self.shared is not None:
+      y = y + self.shared(flat)
+    route = jax.tree.map(lambda a: a.reshape(b, t, *a.shape[1:]), route)
+    return y.reshape(b, t, d), route, stats

@@ -1,0 +1,153 @@
+"""Model structure, configs, validation, cache and dtype behaviour (HF parity lives in test_parity.py)."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import rel_err, tiny_config
+from mixtral_jax.config import ConfigError, ModelConfig, model_config_from
+from mixtral_jax.model import KVCache, Mixtral, active_param_count, build, param_count
+
+
+def test_mixtral_8x7b_parameter_count_without_allocating():
+  from configs import mixtral_8x7b
+  cfg = model_config_from(mixtral_8x7b.get_config().model)
+  abstract = nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(abstract)))
+  assert param_count(abstract) == 46_702_792_704
+  active = active_param_count(cfg)
+  assert active == 12_879_925_248 and round(active / 1e9, 1) == 12.9
+  assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim) == (
+      4096, 32, 32, 8, 128, 14336)
+  assert (cfg.vocab_size, cfg.rope_theta, cfg.norm_eps, cfg.num_experts, cfg.top_k) == (32000, 1e6, 1e-5, 8, 2)
+  assert cfg.sliding_window is None and cfg.max_positions == 32768
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_heads", 6, "num_heads=6 is not divisible by config.model.num_kv_heads"),
+    ("top_k", 9, "top_k=9 exceeds config.model.num_experts=8"),
+    ("router", "nope", "config.model.router='nope' is unknown"),
+    ("dispatch", "nope", "config.model.dispatch='nope' is unknown"),
+    ("dim", 0, "config.model.dim must be a positive integer"),
+    ("num_experts", -2, "config.model.num_experts must be a positive integer"),
+    ("dtype", "int8", "config.model.dtype='int8'"),
+    ("remat", "sometimes", "config.model.remat='sometimes'"),
+])
+def test_validation_names_the_field(field, value, match):
+  from configs import base
+  model = base.tiny_model()
+  model.num_kv_heads = 4 if field == "num_heads" else model.num_kv_heads
+  model[field] = value
+  with pytest.raises(ConfigError, match=match):
+    model_config_from(model)
+
+
+def test_unknown_model_field_is_an_error():
+  from configs import base
+  model = base.tiny_model().to_dict()
+  model["num_expert"] = 4
+  with pytest.raises(ConfigError, match="unknown field.*num_expert"):
+    model_config_from(model)
+
+
+def test_config_variants():
+  from configs import base, mixtral_8x7b
+  assert mixtral_8x7b.get_config("runlocal=True").model.num_layers == 2
+  with pytest.raises(ValueError, match="unknown config variant 'bogus'"):
+    base.get_config("bogus=1")
+
+
+def test_cached_decode_equals_uncached_forward():
+  """Prefill 6 tokens, then decode 5 one at a time: every step's logits equal the full forward pass."""
+  cfg = tiny_config()
+  model = build(cfg, seed=1)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 11)), jnp.int32)
+  full = model(tokens).logits
+  cache = KVCache.init(cfg, batch=2, size=16)
+  out = model(tokens[:, :6], cache=cache)
+  steps = [out.logits]
+  step = jax.jit(lambda m, t, c: m(t, cache=c))
+  cache = out.cache
+  for i in range(6, 11):
+    out = step(model, tokens[:, i:i + 1], cache)
+    cache = out.cache
+    steps.append(out.logits)
+  assert rel_err(jnp.concatenate(steps, axis=1), full) <= 1e-5
+  assert int(cache.index) == 11
+
+
+def test_rolling_cache_with_sliding_window():
+  """A window-4 model decoding with only 4 cache slots (rolling) equals the uncached forward."""
+  cfg = tiny_config(sliding_window=4)
+  model = build(cfg, seed=2)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 12)), jnp.int32)
+  full = model(tokens).logits
+  out = model(tokens[:, :7], cache=KVCache.init(cfg, batch=1, size=4))  # prompt longer than the cache
+  steps, cache = [out.logits], out.cache
+  for i in range(7, 12):
+    out = model(tokens[:, i:i + 1], cache=cache)
+    steps.append(out.logits)
+    cache = out.cache
+  assert rel_err(jnp.concatenate(steps, axis=1), full) <= 1e-5
+
+
+def test_packed_segments_do_not_attend_across_documents():
+  cfg = tiny_config()
+  model = build(cfg, seed=3)
+  rng = np.random.default_rng(2)
+  a, b = rng.integers(0, cfg.vocab_size, 5), rng.integers(0, cfg.vocab_size, 7)
+  packed = jnp.asarray(np.concatenate([a, b])[None], jnp.int32)
+  seg = jnp.asarray([[1] * 5 + [2] * 7])
+  pos = jnp.asarray([list(range(5)) + list(range(7))])
+  out = model(packed, positions=pos, segment_ids=seg).logits
+  alone_b = model(jnp.asarray(b[None], jnp.int32)).logits
+  assert rel_err(out[:, 5:], alone_b) <= 1e-5
+
+
+@pytest.mark.parametrize("changes", [dict(remat="full"), dict(remat="dots"), dict(scan_layers=False)])
+def test_remat_and_unrolled_layers_change_nothing(changes):
+  cfg = tiny_config()
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+
+  def loss_and_grad(c):
+    model = build(c, seed=5)
+    def loss(m):
+      return jnp.mean(m(tokens).logits ** 2)
+    return nnx.value_and_grad(loss)(model)
+
+  (l0, g0), (l1, g1) = loss_and_grad(cfg), loss_and_grad(cfg.replace(**changes))
+  assert rel_err(l1, l0) <= 1e-6
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    assert rel_err(a, b) <= 1e-5
+
+
+def test_param_dtype_policy():
+  cfg = tiny_config(param_dtype="bfloat16", dtype="bfloat16")
+  model = build(cfg)
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
+  out = model(jnp.zeros((1, 3), jnp.int32))
+  assert out.router.probs.dtype == jnp.float32  # router math stays float32
+  assert out.logits.dtype == jnp.float32
+
+
+def test_import_does_not_pull_torch():
+  code = "import sys, mixtral_jax, mixtral_jax.model, mixtral_jax.params; assert 'torch' not in sys.modules"
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_run_py_default_summary():
+  out = subprocess.run([sys.executable, "run.py", "--config.seq_len=16", "--config.mode=summary"],
+                       capture_output=True, text=True, check=True)
+  assert "46,702" not in out.stdout and "parameters:" in out.stdout and "layer  3:" in out.stdout
+
+
+def test_run_py_bad_config_is_one_line_error():
+  out = subprocess.run([sys.executable, "run.py", "--config.model.top_k=9"], capture_output=True, text=True)
+  assert out.returncode != 0
+  assert "config.model.top_k=9 exceeds config.model.num_experts=8" in out.stderr
+  assert "Traceback" not in out.stderr
