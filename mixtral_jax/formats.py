@@ -184,7 +184,12 @@ class TorchFile:
     import torch  # only here: a .pth was actually given
     self.path = Path(path)
     try:
-      state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+      try:
+        state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+      except RuntimeError as e:  # pre-1.6 (non-zip) files cannot be memory-mapped: read them whole
+        if "mmap" not in str(e):
+          raise
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- torch raises many types for bad files; all mean "unreadable"
       reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       if "weights_only" in str(e) or "Unsupported global" in str(e):

@@ -202,6 +202,10 @@ def validate(source: Source) -> None:
     if experts and experts != set(range(c.num_experts)):
       raise CheckpointError(f"{source.path} holds experts {_ranges(experts)} per layer but {cf} says "
                             f"{experts_field}={c.num_experts}")
+  router = source.name("router")
+  if router in r.files and len(r.shape(router)) == 2 and r.shape(router)[0] != c.num_experts:
+    raise CheckpointError(f"tensor {router} in {r.where(router)} routes to {r.shape(router)[0]} experts but {cf} "
+                          f"says {experts_field}={c.num_experts}")
   expected = expected_shapes(source)
   for name, shape in expected.items():
     if name not in r.files:
