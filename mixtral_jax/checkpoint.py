@@ -13,9 +13,11 @@ mesh). Instead each leaf of the tree is a `Streamed` description (shape, dtype, 
 generator of blocks), saved by `_StreamedHandler`, a TypeHandler registered only in the converter's
 private registry: it asks Orbax for the leaf's normal TensorStore write spec (`get_json_tspec_write`,
 the spec NumpyHandler would use), sets the zarr chunk shape to the block shape (one layer, or one
-expert of one layer), opens the array and writes the blocks one by one, awaiting each. A block fills a
-whole chunk, so TensorStore never reads back or buffers a partial chunk, and peak memory is one block
-plus TensorStore's encode buffer. Orbax writes everything else (tree metadata, OCDBT manifests, the
+expert of one layer), opens the array and writes the blocks in order, keeping at most
+WRITES_IN_FLIGHT of them handed to TensorStore (whose threads compress and store them while this one
+reads and transposes the next). A block fills a whole chunk, so TensorStore never reads back or buffers
+a partial chunk: peak memory is a few blocks (~120 MB each at full width in bf16), never a layer.
+Orbax writes everything else (tree metadata, OCDBT manifests, the
 commit marker) itself, and the handler reports typestr "np.ndarray", so the result is an ordinary
 Orbax checkpoint: any restore path (NumpyHandler, ArrayHandler onto a sharding) reads it.
 
@@ -25,6 +27,7 @@ only when `overwrite` is set, and only once the new checkpoint is complete.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -50,12 +53,16 @@ PARAMS, CONFIG = "params", "config"
 # Chunk bound for save_model's in-memory arrays: reads of one layer (to_hf, partial restores) then decode
 # at most this much more than they need.
 SAVE_CHUNK_BYTES = 256 << 20
+# Blocks handed to TensorStore before waiting for the oldest: its threads compress and store them while
+# this thread reads and transposes the next (peak memory: this many blocks more).
+WRITES_IN_FLIGHT = 3
 
 
 class _StreamedHandler(ocp.type_handlers.NumpyHandler):
   """Saves `Streamed` leaves block by block (see the module docstring); restores as np.ndarray."""
 
   async def _write(self, values, infos, args):
+    pending = collections.deque()  # writes TensorStore is compressing / storing while we read the next
     for value, info, arg in zip(values, infos, args):  # one leaf at a time: bounded memory
       await info.await_path_creation()
       spec = ocp.type_handlers.get_json_tspec_write(
@@ -66,8 +73,12 @@ class _StreamedHandler(ocp.type_handlers.NumpyHandler):
       store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
       for index, block in value.blocks():
         block = np.ascontiguousarray(block, dtype=value.dtype)
-        await store[index].write(block, can_reference_source_data_indefinitely=True)
+        pending.append(store[index].write(block, can_reference_source_data_indefinitely=True))
         del block
+        while len(pending) >= WRITES_IN_FLIGHT:
+          await pending.popleft()
+    while pending:
+      await pending.popleft()
 
   async def serialize(self, values, infos, args=None):
     args = args or [ocp.type_handlers.SaveArgs()] * len(values)

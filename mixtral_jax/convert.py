@@ -13,6 +13,8 @@ status 2, and leave nothing at the destination.
 from __future__ import annotations
 
 import argparse
+import collections
+import itertools
 import json
 import re
 import sys
@@ -27,6 +29,7 @@ from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.formats import CheckpointError
 
 DTYPE_CHOICES = ("float32", "bfloat16")
+READS_IN_FLIGHT = 3  # --to-hf: tensors being read (decompressed) ahead of the one being written
 
 
 def convert(src, dst, *, dtype: Optional[str] = None, overwrite: bool = False, fmt: str = "auto",
@@ -69,32 +72,46 @@ def _with_progress(tree, report):
   return sources.Streamed(tree.shape, tree.dtype, tree.chunks, blocks)
 
 
-def hf_plan(cfg: ModelConfig, arrays) -> List[Tuple[str, Tuple[int, ...], Callable[[], np.ndarray]]]:
-  """(HF legacy name, shape, read) for every MixtralForCausalLM tensor, reading our stored arrays one
-  layer (attention, norms, router) or one expert at a time."""
+def hf_plan(cfg: ModelConfig, arrays, dtype) -> List[Tuple[str, Tuple[int, ...], Callable, Callable]]:
+  """(HF legacy name, shape, start, finish) for every MixtralForCausalLM tensor: start() issues the
+  TensorStore read of one layer (attention, norms, router) or one expert of our stored arrays, finish()
+  turns the array it returns into HF's layout and `dtype`."""
   d, h, k, dh, f, e, v = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.num_experts, cfg.vocab_size
-  read = lambda name, *index: arrays[name][index].read().result()  # noqa: E731
-  plan = [("model.embed_tokens.weight", (v, d), lambda: read("embed"))]
+  read = lambda name, *index: lambda: arrays[name][index].read()  # noqa: E731
+  t = lambda a: formats.transposed(a, dtype)  # noqa: E731
+  keep = lambda a: np.asarray(a, dtype)  # noqa: E731
+  plan = [("model.embed_tokens.weight", (v, d), read("embed"), keep)]
   for i in range(cfg.num_layers):
     p, moe = f"model.layers.{i}.", f"model.layers.{i}.block_sparse_moe."
     plan += [
-        (p + "self_attn.q_proj.weight", (h * dh, d), lambda i=i: read("layers.attn.wq", i).reshape(d, h * dh).T),
-        (p + "self_attn.k_proj.weight", (k * dh, d), lambda i=i: read("layers.attn.wk", i).reshape(d, k * dh).T),
-        (p + "self_attn.v_proj.weight", (k * dh, d), lambda i=i: read("layers.attn.wv", i).reshape(d, k * dh).T),
-        (p + "self_attn.o_proj.weight", (d, h * dh), lambda i=i: read("layers.attn.wo", i).reshape(h * dh, d).T),
-        (p + "input_layernorm.weight", (d,), lambda i=i: read("layers.attn_norm.scale", i)),
-        (p + "post_attention_layernorm.weight", (d,), lambda i=i: read("layers.ffn_norm.scale", i)),
-        (moe + "gate.weight", (e, d), lambda i=i: read("layers.moe.router.kernel", i).T),
+        (p + "self_attn.q_proj.weight", (h * dh, d), read("layers.attn.wq", i), lambda a: t(a.reshape(d, h * dh))),
+        (p + "self_attn.k_proj.weight", (k * dh, d), read("layers.attn.wk", i), lambda a: t(a.reshape(d, k * dh))),
+        (p + "self_attn.v_proj.weight", (k * dh, d), read("layers.attn.wv", i), lambda a: t(a.reshape(d, k * dh))),
+        (p + "self_attn.o_proj.weight", (d, h * dh), read("layers.attn.wo", i), lambda a: t(a.reshape(h * dh, d))),
+        (p + "input_layernorm.weight", (d,), read("layers.attn_norm.scale", i), keep),
+        (p + "post_attention_layernorm.weight", (d,), read("layers.ffn_norm.scale", i), keep),
+        (moe + "gate.weight", (e, d), read("layers.moe.router.kernel", i), t),
     ]
     for j in range(e):
-      plan += [
-          (f"{moe}experts.{j}.w1.weight", (f, d), lambda i=i, j=j: read("layers.moe.w1", i, j).T),
-          (f"{moe}experts.{j}.w2.weight", (d, f), lambda i=i, j=j: read("layers.moe.w2", i, j).T),
-          (f"{moe}experts.{j}.w3.weight", (f, d), lambda i=i, j=j: read("layers.moe.w3", i, j).T),
-      ]
-  plan += [("model.norm.weight", (d,), lambda: read("final_norm.scale")),
-           ("lm_head.weight", (v, d), lambda: read("lm_head").T)]
+      plan += [(f"{moe}experts.{j}.w1.weight", (f, d), read("layers.moe.w1", i, j), t),
+               (f"{moe}experts.{j}.w2.weight", (d, f), read("layers.moe.w2", i, j), t),
+               (f"{moe}experts.{j}.w3.weight", (f, d), read("layers.moe.w3", i, j), t)]
+  plan += [("model.norm.weight", (d,), read("final_norm.scale"), keep),
+           ("lm_head.weight", (v, d), read("lm_head"), t)]
   return plan
+
+
+def _read_ahead(plan, depth: int = READS_IN_FLIGHT):
+  """Yields each tensor of `plan` in HF layout, with the next `depth` reads already running (TensorStore
+  decompresses them in its threads while this one transposes and writes)."""
+  pending, items = collections.deque(), iter(plan)
+  while True:
+    while len(pending) < depth and (item := next(items, None)) is not None:
+      pending.append((item, item[2]()))
+    if not pending:
+      return
+    item, future = pending.popleft()
+    yield item[3](future.result())
 
 
 _HF_PARAMS = {"embed", "lm_head", "final_norm.scale", "layers.attn.wq", "layers.attn.wk", "layers.attn.wv",
@@ -115,15 +132,15 @@ def to_hf(orbax_dir, hf_dir, *, dtype: Optional[str] = None, overwrite: bool = F
   if extra:
     raise CheckpointError(f"{orbax_dir}: parameter {extra[0]} has no MixtralForCausalLM counterpart")
   out = np.dtype(formats.FLOAT_DTYPES[dtype or cfg.param_dtype])
-  plan = hf_plan(cfg, arrays)
-  specs = [(name, shape, out) for name, shape, _ in plan]
+  plan = hf_plan(cfg, arrays, out)
+  specs = [(name, shape, out) for name, shape, _, _ in plan]
   shards = formats.plan_shards(specs, max_shard_bytes)
-  weight_map, total = {}, 0
+  weight_map, total, tensors = {}, 0, _read_ahead(plan)
   with checkpoint.atomic_dir(hf_dir, overwrite) as tmp:
     tmp.mkdir()
-    for n, members in enumerate(shards):
+    for n, members in enumerate(shards):  # shards are consecutive runs of the plan
       file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-      formats.write_safetensors(tmp / file, [specs[i] for i in members], (plan[i][2]() for i in members),
+      formats.write_safetensors(tmp / file, [specs[i] for i in members], itertools.islice(tensors, len(members)),
                                 metadata={"format": "pt"})
       for i in members:
         weight_map[specs[i][0]] = file

@@ -221,6 +221,18 @@ def torch_reader(paths: Sequence[Path]) -> TensorReader:
   return _merge([TorchFile(p) for p in paths], "a state dict split over files must not repeat keys")
 
 
+def transposed(a: np.ndarray, dtype=None, tile: int = 128) -> np.ndarray:
+  """a.T of a 2D array as a new C-contiguous array (optionally cast), copied tile by tile: a plain
+  np.ascontiguousarray(a.T) walks one side with a stride of a whole row and runs 4-10x slower on
+  expert-sized matrices (measured: 1.0 s vs 0.23 s for a [14336, 4096] bfloat16 one)."""
+  rows, cols = a.shape
+  out = np.empty((cols, rows), dtype or a.dtype)
+  for i in range(0, rows, tile):
+    for j in range(0, cols, tile):
+      out[j:j + tile, i:i + tile] = a[i:i + tile, j:j + tile].T
+  return out
+
+
 def plan_shards(tensors: Sequence[Tuple[str, Tuple[int, ...], np.dtype]], max_bytes: int) -> List[List[int]]:
   """Greedy, in order: indices of the tensors in each shard, each shard <= max_bytes unless one tensor is
   larger on its own."""

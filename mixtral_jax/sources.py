@@ -89,6 +89,8 @@ class Source:
 
 
 def _load_json(path: Path) -> Dict[str, Any]:
+  if not path.is_file():
+    raise CheckpointError(f"{path} does not exist")
   try:
     out = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -237,6 +239,7 @@ def stream_tree(source: Source, dtype) -> Dict[str, Any]:
   d, h, k, dh, f, e, big_l = c.dim, c.num_heads, c.num_kv_heads, c.head_dim, c.ffn_dim, c.num_experts, c.num_layers
   interleaved = source.layout.startswith("mistral")
   get = lambda role, i=0, j=0, index=(): r.read(source.name(role, i, j), index)  # noqa: E731
+  t = lambda a: formats.transposed(a, dt)  # noqa: E731 -- transpose and cast in one pass
 
   def per_layer(shape, fn):
     return Streamed((big_l, *shape), dt, (1, *shape), lambda: (((i,), fn(i)) for i in range(big_l)))
@@ -252,23 +255,22 @@ def stream_tree(source: Source, dtype) -> Dict[str, Any]:
   def expert(name, i, j):  # -> [D, F] for w1/w3, [F, D] for w2
     if source.layout == "fused":
       if name == "w2":
-        return get("down", i, index=(j,)).T  # [D, F] -> [F, D]
+        return t(get("down", i, index=(j,)))  # [D, F] -> [F, D]
       half = slice(0, f) if name == "w1" else slice(f, 2 * f)  # gate_up rows: w1 then w3
-      return get("gate_up", i, index=(j, half)).T
+      return t(get("gate_up", i, index=(j, half)))
     if source.layout == "mistral_stacked":  # [E*F, D]: every expert's block is [F, D]
       block = get(name, i, index=(slice(j * f, (j + 1) * f),))
-      return block if name == "w2" else block.T
-    return get(name, i, j).T  # w1/w3 [F, D] -> [D, F]; w2 [D, F] -> [F, D]
+      return block if name == "w2" else t(block)
+    return t(get(name, i, j))  # w1/w3 [F, D] -> [D, F]; w2 [D, F] -> [F, D]
 
   vocab = c.vocab_size
   step = max(1, _BLOCK_BYTES // (4 * d))  # rows per block
-  embed_name = "embed"
   head_name = "embed" if source.tied else "lm_head"
   embed = Streamed((vocab, d), dt, (min(step, vocab), d), lambda: (
-      ((slice(a, min(a + step, vocab)),), get(embed_name, index=(slice(a, a + step),)))
+      ((slice(a, min(a + step, vocab)),), get("embed", index=(slice(a, a + step),)))
       for a in range(0, vocab, step)))
   lm_head = Streamed((d, vocab), dt, (d, min(step, vocab)), lambda: (
-      ((slice(None), slice(a, min(a + step, vocab))), get(head_name, index=(slice(a, a + step),)).T)
+      ((slice(None), slice(a, min(a + step, vocab))), t(get(head_name, index=(slice(a, a + step),))))
       for a in range(0, vocab, step)))
   return {
       "embed": embed,
@@ -276,10 +278,10 @@ def stream_tree(source: Source, dtype) -> Dict[str, Any]:
       "lm_head": lm_head,
       "layers": {
           "attn": {
-              "wq": per_layer((d, h, dh), lambda i: rows("q", h, i).T.reshape(d, h, dh)),  # [H*Dh, D] -> [D, H, Dh]
-              "wk": per_layer((d, k, dh), lambda i: rows("k", k, i).T.reshape(d, k, dh)),
-              "wv": per_layer((d, k, dh), lambda i: get("v", i).T.reshape(d, k, dh)),
-              "wo": per_layer((h, dh, d), lambda i: get("o", i).T.reshape(h, dh, d)),  # [D, H*Dh] -> [H, Dh, D]
+              "wq": per_layer((d, h, dh), lambda i: t(rows("q", h, i)).reshape(d, h, dh)),  # [H*Dh, D] -> [D, H, Dh]
+              "wk": per_layer((d, k, dh), lambda i: t(rows("k", k, i)).reshape(d, k, dh)),
+              "wv": per_layer((d, k, dh), lambda i: t(get("v", i)).reshape(d, k, dh)),
+              "wo": per_layer((h, dh, d), lambda i: t(get("o", i)).reshape(h, dh, d)),  # [D, H*Dh] -> [H, Dh, D]
           },
           "attn_norm": {"scale": per_layer((d,), lambda i: get("attn_norm", i))},
           "ffn_norm": {"scale": per_layer((d,), lambda i: get("ffn_norm", i))},

@@ -77,6 +77,7 @@ def test_shardings_single_pytree_state_or_callable(saved):
   assert seen["state"]["embed"].get_metadata()["logical_axes"] == ("vocab", "embed")
 
 
+@pytest.mark.slow  # a subprocess with 4 host devices (~10 s)
 def test_restore_onto_a_mesh_reads_each_shard(tmp_path):
   """Four host devices, experts split over a mesh axis, the rest replicated: the same logits."""
   # (7 experts do not divide over 4 devices, hence a 4-expert model here)

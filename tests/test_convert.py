@@ -225,7 +225,7 @@ def _evil_pth(src: Path):
   torch.save({"tok_embeddings.weight": _Evil()}, src / "consolidated.00.pth")
 
 
-BAD = {  # name -> (layout, how to break it, words the message must contain)
+BAD = {  # name -> (layout, how to break it (may return extra flags), words the message must contain)
     "missing_src": (None, None, ["does not exist"]),
     "absent_shard": ("sharded", lambda d: _shard(d, 1).unlink(), ["does not exist"]),
     "truncated_shard": ("legacy", lambda d: os.truncate(d / "model.safetensors", os.path.getsize(d / "model.safetensors") // 2),
@@ -257,6 +257,7 @@ BAD = {  # name -> (layout, how to break it, words the message must contain)
                              ["config.json", "missing field 'hidden_size'"]),
     "not_moe_params": ("mistral_safetensors", lambda d: _edit_json(d / "params.json", moe=None), ["params.json", "moe"]),
     "no_weights": ("legacy", lambda d: (d / "model.safetensors").unlink(), ["no *.safetensors"]),
+    "wrong_format_flag": ("legacy", lambda d: ["--format", "mistral"], ["params.json", "does not exist"]),
 }
 
 
@@ -277,13 +278,13 @@ def _rewrite_pth(src: Path, drop: str):
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_input_is_one_line_exit_2_nothing_written(name, hf_models, tmp_path, capsys):
   layout, breaker, words = BAD[name]
-  src = tmp_path / "nothing_here"
+  src, flags = tmp_path / "nothing_here", []
   if layout is not None:
     src = write_layout(hf_models["base"], layout, tmp_path)
-    breaker(src)
+    flags = breaker(src)  # None, or extra command-line flags
   dst = tmp_path / "out" / "ckpt"
   dst.parent.mkdir()
-  rc, out, err = run([src, dst], capsys)
+  rc, out, err = run([src, dst, *(flags or [])], capsys)
   assert rc == 2
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
