@@ -69,7 +69,8 @@ class _StreamedHandler(ocp.type_handlers.NumpyHandler):
           info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=value.shape,
           dtype=value.dtype, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None, arg=arg)
       meta = spec["base"]["metadata"] if spec.get("driver") == "cast" else spec["metadata"]
-      meta["chunks"] = list(value.chunks)  # zarr v2 (Orbax's default); zarr3 keeps Orbax's choice
+      assert "chunks" in meta, "expected zarr v2 metadata (PyTreeCheckpointHandler's default)"
+      meta["chunks"] = list(value.chunks)
       store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
       for index, block in value.blocks():
         block = np.ascontiguousarray(block, dtype=value.dtype)
@@ -108,7 +109,11 @@ def atomic_dir(dst, overwrite: bool = False) -> Iterator[Path]:
     if dst.exists():  # overwrite: keep the old one until the new one is in place
       old = dst.parent / f".{dst.name}.old-{os.getpid()}"
       os.rename(dst, old)
-      os.rename(tmp, dst)
+      try:
+        os.rename(tmp, dst)
+      except OSError:
+        os.rename(old, dst)
+        raise
       _remove(old)
     else:
       os.rename(tmp, dst)
