@@ -63,6 +63,17 @@ class _StreamedHandler(ocp.type_handlers.NumpyHandler):
 
   async def _write(self, values, infos, args):
     pending = collections.deque()  # writes TensorStore is compressing / storing while we read the next
+    try:
+      await self._write_leaves(values, infos, args, pending)
+    except BaseException:
+      # Let writes already handed to TensorStore land before the error reaches atomic_dir, which then
+      # removes the temporary directory (otherwise they could recreate files in it afterwards).
+      for write in pending:
+        with contextlib.suppress(Exception):
+          await write
+      raise
+
+  async def _write_leaves(self, values, infos, args, pending):
     for value, info, arg in zip(values, infos, args):  # one leaf at a time: bounded memory
       await info.await_path_creation()
       spec = ocp.type_handlers.get_json_tspec_write(
@@ -130,9 +141,9 @@ def _remove(path: Path):
     path.unlink()
 
 
-def _quiet_orbax():
-  # Orbax logs informational warnings through absl; a CLI error must stay one line.
-  logging.getLogger("absl").setLevel(logging.ERROR)
+def _quiet_orbax(level=logging.ERROR):
+  # Orbax logs informational warnings through absl (the CLI also hides the errors it re-raises to us).
+  logging.getLogger("absl").setLevel(max(level, logging.getLogger("absl").level))
 
 
 def write_tree(path, tree: Any, config: ModelConfig, *, overwrite: bool = False,

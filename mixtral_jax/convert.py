@@ -16,6 +16,7 @@ import argparse
 import collections
 import itertools
 import json
+import logging
 import re
 import sys
 import time
@@ -182,6 +183,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  # Orbax logs a failing background write before re-raising it here: the error must stay one line.
+  checkpoint._quiet_orbax(logging.CRITICAL)
   try:
     args = _parser().parse_args(argv)
     tty = sys.stdout.isatty()
