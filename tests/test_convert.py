@@ -384,3 +384,28 @@ def test_rope_theta_in_rope_parameters_or_top_level(hf_models, tmp_path, capsys)
   assert run([src, tmp_path / "b"], capsys)[0] == 0
   assert checkpoint.load_config(tmp_path / "b").rope_theta == 1e6
   assert checkpoint.load_config(tmp_path / "b").sliding_window == 5
+
+
+def test_to_hf_from_save_model_checkpoint(tmp_path, capsys):
+  """The serving path for a trained model: save_model (Orbax-chosen chunks) -> --to-hf -> transformers."""
+  from flax import nnx
+  from mixtral_jax.model import Mixtral, from_params
+  cfg = tiny_config(**CONFIGS["top3"])
+  rng = np.random.default_rng(7)
+  shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))))
+  model = from_params(cfg, jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, np.float32), shapes))
+  checkpoint.save_model(tmp_path / "trained", model)
+  rc, _, err = run(["--to-hf", tmp_path / "trained", tmp_path / "hf"], capsys)
+  assert rc == 0, err
+  reloaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager",
+                                                            experts_implementation="eager")
+  expected = np.asarray(_forward(model, jnp.asarray(TOKENS, jnp.int32)))
+  assert rel_err(hf_logits(reloaded, TOKENS), expected) <= TOL
+  # A model HF cannot represent is refused, in one line, with nothing written.
+  shared = from_params(cfg.replace(num_shared_experts=1), jax.tree.map(
+      lambda s: np.zeros(s.shape, np.float32), nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+          lambda: Mixtral(cfg.replace(num_shared_experts=1), rngs=nnx.Rngs(0)))))))
+  checkpoint.save_model(tmp_path / "shared", shared)
+  rc, _, err = run(["--to-hf", tmp_path / "shared", tmp_path / "hf2"], capsys)
+  assert rc == 2 and "layers.moe.shared" in err and len(err.strip().splitlines()) == 1, err
+  assert not (tmp_path / "hf2").exists()
