@@ -140,15 +140,20 @@ def _options(temperature, top_k, top_p):
   return (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "size", "greedy", "pad_id"))
-def _prefill(graphdef, state, tokens, lengths, key, options, *, max_new_tokens, size, greedy, pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "size", "greedy", "pad_id", "chunk"))
+def _prefill(graphdef, state, tokens, lengths, key, options, *, max_new_tokens, size, greedy, pad_id, chunk):
   model = nnx.merge(graphdef, state)
   b, t = tokens.shape
   cols = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]
   seg = (cols >= t - lengths[:, None]).astype(jnp.int32)  # [B, T] 1 = real token (left padding)
   pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)  # [B, T] positions count real tokens only
   cache = KVCache.init(model.config, b, size)
-  out = model(tokens, positions=pos, segment_ids=seg, cache=cache, return_hidden=True)
+  # Chunked prefill bounds the [B, H, chunk, slots + chunk] attention scores (see planner.py).
+  for start in range(0, t, chunk or t):
+    cols = slice(start, min(start + (chunk or t), t))
+    out = model(tokens[:, cols], positions=pos[:, cols], segment_ids=seg[:, cols], cache=cache,
+                return_hidden=True)
+    cache = out.cache
   logits = head_logits(model, out.hidden[:, -1])  # [B, V]; the unused full logits are pruned by XLA
   first = _sampler(greedy, options)(logits, jax.random.fold_in(key, 0))
   buf = jnp.concatenate([tokens, jnp.full((b, max_new_tokens), pad_id, jnp.int32)], axis=1)
@@ -196,8 +201,9 @@ def _decode(graphdef, params, state: DecodeState, options, eos_id, *, greedy, pa
 # Public API
 
 def prefill(model, tokens, max_new_tokens: int, *, prompt_mask=None, key=None, temperature: float = 0.0,
-            top_k: int = 0, top_p: float = 1.0, pad_id: int = 0) -> DecodeState:
-  """Runs the prompt through the model into a fresh cache and samples the first new token."""
+            top_k: int = 0, top_p: float = 1.0, pad_id: int = 0, chunk: int = 0) -> DecodeState:
+  """Runs the prompt through the model into a fresh cache (in chunks of `chunk` tokens; 0 = all at
+  once) and samples the first new token."""
   check_sampling(temperature, top_k, top_p, key)
   tokens, lengths = left_align(tokens, prompt_mask, pad_id)
   cfg = model.config
@@ -214,7 +220,7 @@ def prefill(model, tokens, max_new_tokens: int, *, prompt_mask=None, key=None, t
   return _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key,
                   _options(temperature, top_k, top_p), max_new_tokens=max_new_tokens,
                   size=cache_size(cfg, tokens.shape[1], max_new_tokens), greedy=temperature == 0,
-                  pad_id=pad_id)
+                  pad_id=pad_id, chunk=int(chunk))
 
 
 def decode(model, state: DecodeState, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -231,10 +237,11 @@ def decode(model, state: DecodeState, *, temperature: float = 0.0, top_k: int = 
 
 def generate(model, tokens, max_new_tokens: int, temperature: float = 0.0, *, top_k: int = 0,
              top_p: float = 1.0, key=None, eos_id: Optional[int] = None, pad_id: int = 0,
-             prompt_mask=None, callback=None) -> jax.Array:
+             prompt_mask=None, callback=None, prefill_chunk: int = 0) -> jax.Array:
   """Prompt + continuation, int32 [B, T + max_new_tokens] (see the module docstring for the layout)."""
   options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-  state = prefill(model, tokens, max_new_tokens, prompt_mask=prompt_mask, key=key, pad_id=pad_id, **options)
+  state = prefill(model, tokens, max_new_tokens, prompt_mask=prompt_mask, key=key, pad_id=pad_id,
+                  chunk=prefill_chunk, **options)
   return decode(model, state, eos_id=eos_id, pad_id=pad_id, callback=callback, **options).tokens
 
 
