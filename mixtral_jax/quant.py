@@ -171,15 +171,19 @@ def dequantize(q: QTensor, dtype=jnp.float32) -> jax.Array:
 
 
 def _target(path) -> Optional[tuple]:
+  """(core dims, contraction dims) if the parameter at `path` is quantized (a pair of its keys is in
+  TARGETS: also matches a layer's `moe.w1` or an unstacked model's `moe.w1.parts.3`)."""
   keys = tuple(str(getattr(p, "key", p)) for p in path)
-  return TARGETS.get(keys[-2:]) if len(keys) >= 2 else None
+  for i in range(len(keys) - 1):
+    if keys[i:i + 2] in TARGETS:
+      return TARGETS[keys[i:i + 2]]
+  return None
 
 
-def quantize_model(model, level: str):
-  """A copy of `model` whose attention and expert weights are QTensors (other arrays are shared)."""
+def quantize_state(state, level: str):
+  """nnx.State -> the same State with its attention and expert weights replaced by QTensors."""
   if level not in LEVELS:
     raise QuantError(f"quant level {level!r} is unknown; known: {', '.join(LEVELS)}")
-  graphdef, state = nnx.split(model)
 
   def convert(path, value):
     target = _target(path)
@@ -190,9 +194,24 @@ def quantize_model(model, level: str):
   pure = nnx.to_pure_dict(state)
   pure = jax.tree_util.tree_map_with_path(convert, pure, is_leaf=lambda x: isinstance(x, QTensor))
   nnx.replace_by_pure_dict(state, pure)
-  out = nnx.merge(graphdef, state)
+  return state
+
+
+def quantize_model(model, level: str):
+  """A copy of `model` whose attention and expert weights are QTensors (other arrays are shared)."""
+  graphdef, state = nnx.split(model)
+  out = nnx.merge(graphdef, quantize_state(state, level))
   out.quant = level  # a plain attribute: generation and the planner report it
   return out
+
+
+def matmul(x, w, dtype):
+  """x [M, R] @ w [R, C] for a float or quantized 2-D weight. For q8 the per-channel scale is applied
+  to the [M, C] output instead of the weight, so only the int8 -> dtype convert sits on the weight path
+  (XLA:GPU fuses that convert into the matmul's operand load)."""
+  if isinstance(w, QTensor) and w.group == 0 and len(w.core) == 2 and w.scale.ndim == 2:
+    return (x @ w.data[0].astype(dtype)) * w.scale[0].astype(dtype)
+  return x @ w.astype(dtype)
 
 
 def weight_bytes(model) -> dict:

@@ -27,7 +27,13 @@ import numpy as np
 from flax import nnx, struct
 from jax.experimental import io_callback
 
+from mixtral_jax import dispatch_decode  # noqa: F401 -- registers routed_cond / grouped
 from mixtral_jax.model import KVCache
+from mixtral_jax.moe import MoEBlock
+
+# Expert dispatch used by generation (see dispatch_decode.py): both compute exactly what `dense` does
+# (no token is dropped) but only for the experts tokens chose. "config" keeps the model's own.
+PREFILL_DISPATCH, DECODE_DISPATCH = "grouped", "routed_cond"
 
 
 class GenerationError(ValueError):
@@ -136,13 +142,24 @@ def _sampler(greedy: bool, options):
   return functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
+def _with_dispatch(model, name: str):
+  """Sets the dispatch strategy of every MoE block of a freshly merged (traced) model."""
+  if name != "config":
+    for _, module in model.iter_modules():
+      if isinstance(module, MoEBlock):
+        module.dispatch = name
+  return model
+
+
 def _options(temperature, top_k, top_p):
   return (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "size", "greedy", "pad_id", "chunk"))
-def _prefill(graphdef, state, tokens, lengths, key, options, *, max_new_tokens, size, greedy, pad_id, chunk):
-  model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "size", "greedy", "pad_id", "chunk",
+                                                   "dispatch"))
+def _prefill(graphdef, state, tokens, lengths, key, options, *, max_new_tokens, size, greedy, pad_id, chunk,
+             dispatch):
+  model = _with_dispatch(nnx.merge(graphdef, state), dispatch)
   b, t = tokens.shape
   cols = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]
   seg = (cols >= t - lengths[:, None]).astype(jnp.int32)  # [B, T] 1 = real token (left padding)
@@ -162,10 +179,10 @@ def _prefill(graphdef, state, tokens, lengths, key, options, *, max_new_tokens, 
                      done=jnp.zeros((b,), bool), step=jnp.ones((), jnp.int32), key=key)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "pad_id", "callback"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "pad_id", "callback", "dispatch"),
                    donate_argnames=("state",))
-def _decode(graphdef, params, state: DecodeState, options, eos_id, *, greedy, pad_id, callback):
-  model = nnx.merge(graphdef, params)
+def _decode(graphdef, params, state: DecodeState, options, eos_id, *, greedy, pad_id, callback, dispatch):
+  model = _with_dispatch(nnx.merge(graphdef, params), dispatch)
   sample = _sampler(greedy, options)
   b, width = state.tokens.shape
   max_new = width - state.cache.index  # cache.index == T after prefill, whatever the cache size
@@ -201,7 +218,8 @@ def _decode(graphdef, params, state: DecodeState, options, eos_id, *, greedy, pa
 # Public API
 
 def prefill(model, tokens, max_new_tokens: int, *, prompt_mask=None, key=None, temperature: float = 0.0,
-            top_k: int = 0, top_p: float = 1.0, pad_id: int = 0, chunk: int = 0) -> DecodeState:
+            top_k: int = 0, top_p: float = 1.0, pad_id: int = 0, chunk: int = 0,
+            dispatch: str = PREFILL_DISPATCH) -> DecodeState:
   """Runs the prompt through the model into a fresh cache (in chunks of `chunk` tokens; 0 = all at
   once) and samples the first new token."""
   check_sampling(temperature, top_k, top_p, key)
@@ -220,19 +238,20 @@ def prefill(model, tokens, max_new_tokens: int, *, prompt_mask=None, key=None, t
   return _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key,
                   _options(temperature, top_k, top_p), max_new_tokens=max_new_tokens,
                   size=cache_size(cfg, tokens.shape[1], max_new_tokens), greedy=temperature == 0,
-                  pad_id=pad_id, chunk=int(chunk))
+                  pad_id=pad_id, chunk=int(chunk), dispatch=dispatch)
 
 
 def decode(model, state: DecodeState, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            eos_id: Optional[int] = None, pad_id: int = 0,
-           callback: Optional[Callable[[jax.Array, jax.Array], None]] = None) -> DecodeState:
+           callback: Optional[Callable[[jax.Array, jax.Array], None]] = None,
+           dispatch: str = DECODE_DISPATCH) -> DecodeState:
   """Generates the remaining tokens in one jitted while_loop. `callback(step, tokens [B])`, if given,
   is called on the host for every new token (in order) and is how text is streamed. `state` is
   donated: its cache buffer is reused."""
   graphdef, params = nnx.split(model)
   eos = jnp.int32(-1 if eos_id is None else eos_id)
   return _decode(graphdef, params, state, _options(temperature, top_k, top_p), eos,
-                 greedy=temperature == 0, pad_id=pad_id, callback=callback)
+                 greedy=temperature == 0, pad_id=pad_id, callback=callback, dispatch=dispatch)
 
 
 def generate(model, tokens, max_new_tokens: int, temperature: float = 0.0, *, top_k: int = 0,
