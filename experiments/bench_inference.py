@@ -5,7 +5,7 @@
 
 Model: an HF-written random MixtralForCausalLM (D=512, F=1792, 8 layers, 8 experts top-2, 8 heads /
 2 KV heads, vocab 32000, float32), saved with save_pretrained and loaded back into mixtral_jax from
-that directory (mixtral_jax.convert when available, else the in-memory HF mapping). Measured:
+that directory with `python -m mixtral_jax.convert` and put in the inference layout. Measured:
 prefill B4 x T512 (the forward that yields the first new token: HF with logits_to_keep=1), greedy
 decode B1 x 128 and B8 x 64 new tokens after a 32-token prompt (HF: generate(N) - generate(1), ours:
 the jitted decode loop alone). Against the machine in the same run: matmul GFLOP/s (MFU) and the
@@ -69,29 +69,24 @@ def prefill_flops(cfg, batch: int, t: int) -> float:
   return 2 * per_token * batch * t + attention * batch + 2 * batch * d * cfg.vocab_size
 
 
-def load_ours(path: str, dispatch: str):
-  from mixtral_jax.inference import load_hf_dir
-  try:
-    from mixtral_jax import checkpoint  # noqa: F401 -- issue 3's converter
-  except ImportError:
-    model = load_hf_dir(path), "in-memory HF mapping (mixtral_jax.convert not in this tree)"
-  else:
-    out = path + "_converted"
-    subprocess.run([sys.executable, "-m", "mixtral_jax.convert", path, out], check=True,
-                   cwd=os.path.dirname(HERE))
-    model = checkpoint.load_model(out), "python -m mixtral_jax.convert"
-  if dispatch:
-    from mixtral_jax.model import from_params, params_of
-    m, how = model
-    model = from_params(m.config.replace(dispatch=dispatch), params_of(m)), how
-  return model
+def load_ours(path: str, layout: str):
+  """The HF directory converted with our CLI, loaded, in the inference layout unless layout='stacked'."""
+  from mixtral_jax import checkpoint
+  from mixtral_jax.unstacked import unstack
+  out = path + "_converted"
+  subprocess.run([sys.executable, "-m", "mixtral_jax.convert", path, out], check=True,
+                 cwd=os.path.dirname(HERE), stdout=subprocess.DEVNULL)
+  model = checkpoint.load_model(out, dtype="float32")
+  return (unstack(model) if layout == "unstacked" else model), "python -m mixtral_jax.convert"
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--dispatch", default="", help="dispatch strategy for ours (default: the config's)")
+  ap.add_argument("--layout", default="unstacked", choices=["unstacked", "stacked"])
+  ap.add_argument("--prefill_dispatch", default=sampling.PREFILL_DISPATCH)
+  ap.add_argument("--decode_dispatch", default=sampling.DECODE_DISPATCH)
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "inference_cpu"))
   args = ap.parse_args()
@@ -110,8 +105,9 @@ def main():
   tmp = tempfile.mkdtemp(prefix="bench_inference_")
   hf.save_pretrained(tmp)
   hf = transformers.MixtralForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
-  ours, how = load_ours(tmp, args.dispatch)
-  print(f"loaded ours via {how}; dispatch={ours.config.dispatch}", flush=True)
+  ours, how = load_ours(tmp, args.layout)
+  dispatch = f"{args.layout} layout, prefill {args.prefill_dispatch}, decode {args.decode_dispatch}"
+  print(f"loaded ours via {how}; {dispatch}", flush=True)
 
   load_before = os.getloadavg()
   peak = roofline.measure(quick=args.quick)
@@ -122,7 +118,8 @@ def main():
   # Prefill.
   b, t = prefill_shape
   tokens = rng.integers(1, cfg.vocab_size, (b, t)).astype(np.int32)
-  ours_s = best_time(lambda: jax.block_until_ready(sampling.prefill(ours, tokens, 1)), args.repeats)
+  ours_s = best_time(lambda: jax.block_until_ready(
+      sampling.prefill(ours, tokens, 1, dispatch=args.prefill_dispatch)), args.repeats)
   hf_s = float("nan")
   if not args.skip_hf:
     tt = torch.as_tensor(tokens, dtype=torch.long)
@@ -138,10 +135,10 @@ def main():
     prompts = rng.integers(1, cfg.vocab_size, (b, prompt)).astype(np.int32)
 
     def ours_decode():
-      state = sampling.prefill(ours, prompts, n)
+      state = sampling.prefill(ours, prompts, n, dispatch=args.prefill_dispatch)
       jax.block_until_ready(state)
       t0 = time.perf_counter()
-      sampling.decode(ours, state).tokens.block_until_ready()
+      sampling.decode(ours, state, dispatch=args.decode_dispatch).tokens.block_until_ready()
       return time.perf_counter() - t0
 
     ours_decode()
@@ -164,7 +161,7 @@ def main():
   for r in rows:
     r["speedup_vs_hf"] = r["ours_tok_s"] / r["hf_tok_s"]
   result = dict(config=dims, roofline=peak, load_avg_before=load_before, load_avg_after=os.getloadavg(),
-                ours_loaded_via=how, dispatch=ours.config.dispatch, torch_threads=torch.get_num_threads(),
+                ours_loaded_via=how, dispatch=dispatch, torch_threads=torch.get_num_threads(),
                 rows=rows)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".json", "w") as f:
@@ -172,7 +169,7 @@ def main():
   lines = [f"# CPU inference vs HF transformers ({'quick' if args.quick else 'issue config'})", "",
            f"roofline in this run: {peak['matmul_gflops']:.1f} GFLOP/s float32 matmul, "
            f"{peak['read_gbps']:.1f} GB/s read; load average {load_before[0]:.1f} before, "
-           f"{os.getloadavg()[0]:.1f} after; ours loaded via {how}; dispatch {ours.config.dispatch}", "",
+           f"{os.getloadavg()[0]:.1f} after; ours loaded via {how}; {dispatch}", "",
            "| run | ours tok/s | HF tok/s | ours / HF | MFU ours / HF | ms per step ours / HF | % of BW floor ours / HF |",
            "| --- | ---: | ---: | ---: | --- | --- | --- |"]
   for r in rows:

@@ -8,7 +8,7 @@ Benches (each guarded: one failing does not lose the others' numbers; results ar
   decode_bf16   batch-1 greedy decode, bf16 weights: tok/s and % of the bandwidth floor
                 (bytes of weights a token must read / measured read bandwidth). Goal >= 140 tok/s.
   decode_int8   the same with q8 (int8 per-channel) attention and expert weights. Goal >= 230 tok/s.
-  prefill       B1 x T2048 prefill (grouped dispatch): MFU vs the measured bf16 matmul peak. Goal >= 60%.
+  prefill       B1 x T2048 prefill (sorted_loop dispatch): MFU vs the measured bf16 matmul peak. Goal >= 60%.
   (issue 6: register a 4-layer training-step slice in BENCHES below, e.g. "train_slice".)
 
 The model is built directly in the inference layout (unstacked.build_unstacked), one layer at a time,
@@ -100,7 +100,7 @@ def decode(args, cfg, quant, peak) -> dict:
 
 
 def prefill(args, cfg, peak) -> dict:
-  dispatch_decode.GROUPED_BLOCK = 1024 if not args.dry_run else 16  # big expert matmuls on a GPU
+  dispatch_decode.LOOP_BLOCK = 1024 if not args.dry_run else 16  # big expert matmuls on a GPU
   model = build_unstacked(cfg, seed=0)
   b, t = (1, 2048) if not args.dry_run else (1, 32)
   tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, (b, t)).astype(np.int32)

@@ -4,7 +4,7 @@ Registered into dispatch.DISPATCHERS (same signature as the strategies there), c
   routed_cond  decode (few tokens): one `lax.cond` per expert, skipped unless some token chose it; the
                expert runs on all N tokens (N is tiny) scaled by its combine weight. Batch-1 decode reads
                k experts per layer instead of E (dense) and does no gather of weights.
-  grouped      prefill (many tokens): routing slots sorted by expert; each expert runs a loop over
+  sorted_loop  prefill (many tokens): routing slots sorted by expert; each expert runs a loop over
                blocks of `block` of its slots (`[block, D] @ [D, F]` matmuls), so the FLOPs are the active
                ones plus at most one partial block per expert.
 Both take the expert weights as a stacked [E, ...] array, or as an `ExpertList` of E separate buffers
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mixtral_jax.dispatch import DISPATCHERS, combine_matrix
+from mixtral_jax.dispatch import DISPATCHERS, _drop_stats, combine_matrix
 from mixtral_jax.quant import matmul, take_expert
 
 
@@ -55,7 +55,7 @@ def swiglu(x, w1, w3, w2, dtype):  # [M, D] -> [M, D]
 
 
 @DISPATCHERS.register("routed_cond")
-def routed_cond(x, route, w1, w3, w2, *, dtype, capacity_factor=None):
+def routed_cond(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul=None):
   num_experts = w1.shape[0]
   x = x.astype(dtype)
   combine = combine_matrix(route, num_experts).astype(dtype)  # [N, E]
@@ -64,15 +64,17 @@ def routed_cond(x, route, w1, w3, w2, *, dtype, capacity_factor=None):
     def run(x, j=j):  # the weights are picked inside the branch: untaken experts are never touched
       return swiglu(x, expert(w1, j), expert(w3, j), expert(w2, j), dtype) * combine[:, j, None]
     y = y + jax.lax.cond(jnp.any(combine[:, j] > 0), run, jnp.zeros_like, x)  # [N, D]
-  return y, {"dropped_fraction": jnp.zeros((), jnp.float32)}
+  used = route.weights != 0
+  return y, _drop_stats(used, used)  # nothing is dropped
 
 
-GROUPED_BLOCK = 128  # rows per expert matmul in `grouped` (read at trace time; a GPU wants more)
+LOOP_BLOCK = 128  # rows per expert matmul in `sorted_loop` (read at trace time; a GPU wants more)
 
 
-@DISPATCHERS.register("grouped")
-def grouped(x, route, w1, w3, w2, *, dtype, capacity_factor=None, block=None):
-  block = block or GROUPED_BLOCK
+@DISPATCHERS.register("sorted_loop")
+def sorted_loop(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul=None,
+            block=None):
+  block = block or LOOP_BLOCK
   n, d = x.shape
   k = route.experts.shape[1]
   num_experts = w1.shape[0]
@@ -96,4 +98,5 @@ def grouped(x, route, w1, w3, w2, *, dtype, capacity_factor=None, block=None):
     out = jax.lax.fori_loop(0, (counts[j] + bk - 1) // bk, body, out)
   per_slot = jnp.zeros((slots, d), dtype).at[order].set(out[:slots])  # [N*k, D] back in slot order
   y = jnp.einsum("nkd,nk->nd", per_slot.reshape(n, k, d), route.weights.astype(dtype))
-  return y, {"dropped_fraction": jnp.zeros((), jnp.float32)}
+  used = route.weights != 0
+  return y, _drop_stats(used, used)  # nothing is dropped

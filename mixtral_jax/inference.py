@@ -43,7 +43,7 @@ def load_hf_dir(path: str, dtype: str = "float32"):
 
 
 def load_for_inference(config):
-  """config.checkpoint (+ config.quant) -> a model ready for sampling.generate."""
+  """config.checkpoint (+ config.quant) -> a model ready for sampling.generate, in the inference layout."""
   path, dtype = config.checkpoint, config.model.param_dtype
   if not path:
     from mixtral_jax.model import build
@@ -70,7 +70,8 @@ def load_for_inference(config):
     if config.quant not in quant_lib.LEVELS:
       raise ConfigError(f"config.quant={config.quant!r} is not one of none, {', '.join(quant_lib.LEVELS)}")
     model = quant_lib.quantize_model(model, config.quant)
-  return model
+  from mixtral_jax.unstacked import unstack
+  return unstack(model)  # the inference layout: per-layer, per-expert buffers (unstacked.py)
 
 
 @MODES.register("generate")

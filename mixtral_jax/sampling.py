@@ -27,13 +27,13 @@ import numpy as np
 from flax import nnx, struct
 from jax.experimental import io_callback
 
-from mixtral_jax import dispatch_decode  # noqa: F401 -- registers routed_cond / grouped
+from mixtral_jax import dispatch_decode  # noqa: F401 -- registers routed_cond / sorted_loop
 from mixtral_jax.model import KVCache
 from mixtral_jax.moe import MoEBlock
 
 # Expert dispatch used by generation (see dispatch_decode.py): both compute exactly what `dense` does
 # (no token is dropped) but only for the experts tokens chose. "config" keeps the model's own.
-PREFILL_DISPATCH, DECODE_DISPATCH = "grouped", "routed_cond"
+PREFILL_DISPATCH, DECODE_DISPATCH = "sorted_loop", "routed_cond"
 
 
 class GenerationError(ValueError):

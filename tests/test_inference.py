@@ -17,7 +17,7 @@ from mixtral_jax.unstacked import unstack
 TOL = 1e-5  # float32; only the summation order differs from dense
 
 
-@pytest.mark.parametrize("name", ["routed_cond", "grouped"])
+@pytest.mark.parametrize("name", ["routed_cond", "sorted_loop"])
 @pytest.mark.parametrize("n", [1, 3, 37])
 def test_sparse_dispatch_equals_dense(name, n):
   """Same outputs as the dense reference, with stacked weights and with per-expert buffers."""
@@ -29,7 +29,7 @@ def test_sparse_dispatch_equals_dense(name, n):
   route = topk_renormalized(jax.random.normal(keys[4], (n, e)) * 3, k)
   ref, _ = dispatch.dense(x, route, w1, w3, w2, dtype=jnp.float32)
   fn = dispatch.DISPATCHERS.get(name)
-  kw = dict(block=4) if name == "grouped" else {}  # several blocks per expert, partial last blocks
+  kw = dict(block=4) if name == "sorted_loop" else {}  # several blocks per expert, partial last blocks
   got, _ = jax.jit(lambda *a: fn(*a, dtype=jnp.float32, **kw))(x, route, w1, w3, w2)
   assert rel_err(got, ref) <= TOL
   parts = [dispatch_decode.ExpertList(tuple(w[j] for j in range(e))) for w in (w1, w3, w2)]
