@@ -86,6 +86,8 @@ def init_model(cfg: ModelConfig, seed: int):
 def build_setup(config) -> Setup:
   """The model to train: fresh from config.model, or config.checkpoint's weights for fine-tuning."""
   rank = config.train.lora.rank
+  if "checkpoint" in config and config.checkpoint is None:
+    raise ConfigError("config.checkpoint is required: --config.checkpoint=DIR (the weights to fine-tune)")
   if config.get("checkpoint"):
     cfg, params = load_pretrained(config.checkpoint)
     cfg = cfg.replace(**{f: config.model[f] for f in RUNTIME_FIELDS if f in config.model})
