@@ -59,7 +59,8 @@ def train_config():
       log_every=10, eval_every=100, eval_batches=4,
       checkpoint_every=100, keep_checkpoints=2, async_checkpoints=True,
       sample_prompt="def ", sample_tokens=48,   # a greedy sample after training (0 disables)
-      export_hf=False,               # also write merged weights as an HF directory WORKDIR/hf
+      export=False,                  # save the final (LoRA: merged) weights as a checkpoint WORKDIR/export
+      export_hf=False,               # ... and convert them to an HF directory WORKDIR/hf
   ))
 
 

@@ -11,6 +11,7 @@ Master weights are float32; `config.model.dtype=bfloat16` makes the model comput
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import signal
@@ -36,7 +37,8 @@ from mixtral_jax.modes import MODES
 from mixtral_jax.routers import ROUTERS
 
 # Model fields a fine-tuning run may change on a loaded checkpoint: they alter how it computes, not its shape.
-RUNTIME_FIELDS = ("dtype", "remat", "dispatch", "capacity_factor", "router_jitter", "scan_layers")
+RUNTIME_FIELDS = ("dtype", "remat", "dispatch", "capacity_factor", "grouped_matmul", "router_jitter",
+                  "router_logits_cap", "scan_layers")
 
 
 class TrainingError(ConfigError):
@@ -89,7 +91,8 @@ def build_setup(config) -> Setup:
   if "checkpoint" in config and config.checkpoint is None:
     raise ConfigError("config.checkpoint is required: --config.checkpoint=DIR (the weights to fine-tune)")
   if config.get("checkpoint"):
-    cfg, params = load_pretrained(config.checkpoint)
+    # Full fine-tuning keeps float32 master weights; a LoRA base stays in its stored dtype.
+    cfg, params = load_pretrained(config.checkpoint, dtype=None if rank else "float32")
     cfg = cfg.replace(**{f: config.model[f] for f in RUNTIME_FIELDS if f in config.model})
   else:
     cfg, params = model_config_from(config.model), None
@@ -128,22 +131,31 @@ def forward(setup: Setup, trainable, base, rest, batch, *, train: bool, key=None
 
 
 def router_state_update(setup: Setup):
-  """HOOK for routers with non-parameter state, e.g. an auxiliary-loss-free balancing bias (DeepSeek-V3).
+  """HOOK for routers with non-parameter state, updated once per step outside the gradient.
 
-  If the router class defines `update_state(state, *, expert_load, step) -> state` (state: the router's
-  non-Param variables as a pure dict of [L, ...] arrays; expert_load: [L, E] fraction of this step's
-  routing slots per expert), the train step calls it once per step, outside the gradient. Routers whose
-  extra state is constant (no `update_state`) keep it unchanged.
+  Returns fn(rest, router, mask, step) -> rest, where router is the step's RouterOutput (leaves
+  [L, B, T, ...]) and mask [B, T] marks real tokens. aux_free_bias (DeepSeek-V3's balancing bias) uses
+  `routers_extra.aux_free_bias_update`; any other router class may define
+  `update_state(state, *, router, mask, step) -> state` (state: its non-Param variables as a pure dict of
+  [L, ...] arrays). Routers whose extra state is constant (hash tables) keep it unchanged.
   """
   router_state = setup.rest.get("layers", {}).get("moe", {}).get("router")
-  update = getattr(ROUTERS.get(setup.cfg.router), "update_state", None)
-  if not router_state or update is None:
-    return lambda rest, expert_load, step: rest
+  router_cls = ROUTERS.get(setup.cfg.router)
+  update = getattr(router_cls, "update_state", None)
+  if router_state and setup.cfg.router == "aux_free_bias":
+    from mixtral_jax.routers_extra import aux_free_bias_update
+    rate = setup.cfg.router_kwargs.get("bias_rate",
+                                       inspect.signature(router_cls.__init__).parameters["bias_rate"].default)
 
-  def apply(rest, expert_load, step):
+    def update(state, *, router, mask, step):
+      return {**state, "bias": aux_free_bias_update(state["bias"], router, rate=rate, mask=mask)}
+  if not router_state or update is None:
+    return lambda rest, router, mask, step: rest
+
+  def apply(rest, router, mask, step):
     rest = jax.tree.map(lambda x: x, rest)  # fresh containers; leaves shared
     moe = rest["layers"]["moe"]
-    moe["router"] = update(moe["router"], expert_load=jax.lax.stop_gradient(expert_load), step=step)
+    moe["router"] = update(moe["router"], router=jax.lax.stop_gradient(router), mask=mask, step=step)
     return rest
   return apply
 
@@ -167,7 +179,7 @@ def make_train_step(setup: Setup, train_cfg, optimizer, schedule):
              for name in weights}
       # Cross-entropy is normalised by the whole batch's tokens, so accumulation equals one big batch.
       loss = nll / total_tokens + sum(w * aux[name] for name, w in weights.items() if w) / accum
-      return loss, (nll, aux, moe_metrics(out.router, out.moe_stats, routed))
+      return loss, (nll, aux, moe_metrics(out.router, out.moe_stats, routed), out.router)
 
     def accumulate(grads, xs):
       mb, micro_key = xs
@@ -175,11 +187,13 @@ def make_train_step(setup: Setup, train_cfg, optimizer, schedule):
       return jax.tree.map(jnp.add, grads, g), extras
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    grads, (nll, aux, moe) = jax.lax.scan(accumulate, zeros, (micro, jax.random.split(key, accum)))
+    grads, (nll, aux, moe, router) = jax.lax.scan(accumulate, zeros, (micro, jax.random.split(key, accum)))
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     moe = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe)  # [L] / [L, E] averaged over microbatches
-    rest = update_router_state(state["rest"], moe["expert_load"], state["step"])
+    # The whole step's routing: [A, L, B/A, T, ...] -> [L, B, T, ...] (microbatches back into the batch).
+    router = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:]), router)
+    rest = update_router_state(state["rest"], router, batch["segment_ids"] > 0, state["step"])
     metrics = {"loss": jnp.sum(nll) / total_tokens, "grad_norm": optax.global_norm(grads),
                "update_norm": optax.global_norm(updates), "learning_rate": schedule(state["step"]),
                "tokens": total_tokens, **{f"aux/{name}": jnp.mean(v) for name, v in aux.items()}, **moe}
@@ -357,10 +371,11 @@ def _finish(config, workdir, setup, state, base, tokenizer, writer, ckpt, summar
           f"(cross-entropy {first['eval_loss']:.3f} -> {last['eval_loss']:.3f} nats/token)")
   print(f"checkpoint: {ckpt.path(step)}")
   params = effective_params(setup, state["params"], base)
-  if t.export_hf:
-    from mixtral_jax.train_checkpoints import export_hf
-    summary["export_hf"] = export_hf(setup.cfg, params, os.path.join(workdir, "hf"))
-    print(f"exported merged weights (HF layout): {summary['export_hf']}")
+  if t.export or t.export_hf:
+    from mixtral_jax.train_checkpoints import export
+    summary.update(export(setup.cfg, params, workdir, hf=t.export_hf))
+    print("exported " + ("merged " if setup.lora else "") + "weights: " +
+          ", ".join(summary[k] for k in ("export", "hf") if k in summary))
   if t.sample_tokens:
     summary["sample"] = greedy_sample(setup, params, state["rest"], tokenizer, t.sample_prompt, t.sample_tokens)
     print(f"sample (greedy, prompt {t.sample_prompt!r}):\n{summary['sample']}")

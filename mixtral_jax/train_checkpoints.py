@@ -18,7 +18,6 @@ from typing import Any, Optional
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -99,61 +98,51 @@ def _load_trainer_checkpoint(workdir: str):
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   if meta.get("lora"):
     raise ConfigError(f"config.checkpoint: {workdir} holds LoRA adapters, not full weights; fine-tune from its "
-                      f"merged export (config.train.export_hf=True writes WORKDIR/hf)")
+                      f"merged export WORKDIR/export (config.train.export=True)")
   cfg = model_config_from(meta["model"])
   from mixtral_jax.model import Mixtral
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0))), nnx.Param))
-  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(dtype=s.dtype), abstract)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device, dtype=s.dtype), abstract)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
   return cfg, restored["state"]["params"]
 
 
-def _load_hf_directory(path: str):
-  """(ModelConfig, params) from an HF directory: config.json + *.safetensors (either expert layout)."""
-  from safetensors import safe_open
-  from mixtral_jax.params import config_from_hf, from_hf
-  with open(os.path.join(path, "config.json")) as f:
-    cfg = config_from_hf(json.load(f))
-  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-  if not files:
-    raise ConfigError(f"config.checkpoint: {path} has config.json but no *.safetensors files")
-  handles = [safe_open(f, framework="numpy") for f in files]
-  where = {name: h for h in handles for name in h.keys()}
-  return cfg, from_hf(lambda name: where[name].get_tensor(name), list(where), cfg, dtype=np.float32)
+def load_pretrained(path: str, *, dtype: Optional[str] = "float32"):
+  """(ModelConfig, params pure dict) of the weights to fine-tune: the one place they are read.
 
-
-def load_pretrained(path: str):
-  """(ModelConfig, params pure dict) of the weights to fine-tune: the single place they are read.
-
-  Uses mixtral_jax.checkpoint.load_model (issue 3's converter) when it exists and the path is its format;
-  also reads a workdir of this trainer and an HF directory (config.json + *.safetensors).
+  PATH is a checkpoint written by the converter or `checkpoint.save_model` (issue 3: PATH/config and
+  PATH/params; `dtype` casts while reading, None keeps the stored dtype), or a workdir of this trainer
+  (its latest checkpoint's full weights). HF and Mistral releases are converted first
+  (`python -m mixtral_jax.convert SRC DST`).
   """
+  from mixtral_jax import checkpoint
+  from mixtral_jax.model import params_of
   if not os.path.exists(path):
     raise ConfigError(f"config.checkpoint: {path} does not exist")
   if os.path.isdir(os.path.join(path, "checkpoints")):
     return _load_trainer_checkpoint(path)
-  if os.path.isfile(os.path.join(path, "config.json")) and glob.glob(os.path.join(path, "*.safetensors")):
-    return _load_hf_directory(path)
-  try:
-    from mixtral_jax.checkpoint import load_model  # issue 3
-  except ImportError:
-    raise ConfigError(f"config.checkpoint: {path} is neither a training workdir nor an HF directory "
-                      f"(config.json + *.safetensors)") from None
-  from mixtral_jax.model import params_of
-  model = load_model(path)
-  return model.config, params_of(model)
+  if os.path.isdir(os.path.join(path, checkpoint.CONFIG)) and os.path.isdir(os.path.join(path, checkpoint.PARAMS)):
+    try:
+      model = checkpoint.load_model(path, dtype=dtype)
+    except checkpoint.CheckpointError as e:
+      raise ConfigError(f"config.checkpoint: {e}") from None
+    return model.config, params_of(model)
+  hint = " (an HF or Mistral release: convert it first, python -m mixtral_jax.convert SRC DST)" if (
+      glob.glob(os.path.join(path, "*.safetensors")) or glob.glob(os.path.join(path, "*.pth"))) else ""
+  raise ConfigError(f"config.checkpoint: {path} is neither a mixtral_jax checkpoint nor a training workdir{hint}")
 
 
-def export_hf(cfg: ModelConfig, params, out_dir: str) -> str:
-  """Writes params (merged, for LoRA) as an HF Mixtral directory: config.json + model.safetensors in the
-  legacy per-expert layout that transformers loads."""
-  from safetensors.numpy import save_file
-  from mixtral_jax.params import config_to_hf, to_hf
-  os.makedirs(out_dir, exist_ok=True)
-  host = jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params))
-  tensors = {name: np.ascontiguousarray(array) for name, array in to_hf(host, cfg)}
-  save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump({**config_to_hf(cfg), "torch_dtype": "float32"}, f, indent=2)
-  return out_dir
+def export(cfg: ModelConfig, params, directory: str, *, hf: bool = False) -> dict:
+  """Saves `params` (LoRA: already merged) as a mixtral_jax checkpoint at DIRECTORY/export, which
+  `load_model` and `--config.checkpoint` read; with hf, also converts it to an HF directory DIRECTORY/hf
+  (`python -m mixtral_jax.convert --to-hf` does the same later)."""
+  from mixtral_jax import checkpoint, convert
+  out = {"export": str(checkpoint.save_model(os.path.join(directory, "export"), jax.device_get(params), cfg,
+                                             overwrite=True))}
+  if hf:
+    hf_dir = os.path.join(directory, "hf")
+    convert.to_hf(out["export"], hf_dir, overwrite=True)
+    out["hf"] = hf_dir
+  return out

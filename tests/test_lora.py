@@ -1,5 +1,5 @@
-"""LoRA: targets, shapes, merge arithmetic, and a LoRA fine-tune from an HF directory that exports merged
-weights equal to the adapter model."""
+"""LoRA: targets, shapes, merge arithmetic, and a LoRA fine-tune from a converted checkpoint that exports
+merged weights equal to the adapter model."""
 import os
 
 import jax
@@ -10,8 +10,9 @@ import pytest
 from conftest import tiny_config
 from mixtral_jax import lora, train
 from mixtral_jax.model import from_params
-from mixtral_jax.train_checkpoints import export_hf, load_pretrained
-from test_train import corpus, tiny_train_config  # noqa: F401 -- corpus is a fixture
+from mixtral_jax import checkpoint
+from mixtral_jax.train_checkpoints import load_pretrained
+from test_train import corpus, restore_state, tiny_train_config  # noqa: F401 -- corpus is a fixture
 
 
 def _params(cfg, seed=0):
@@ -59,10 +60,10 @@ def test_init_is_the_identity_and_merge_is_w_plus_scaled_a_b():
   assert eager["embed"] is params["embed"]  # untouched leaves are shared, not copied
 
 
-def test_lora_finetune_from_hf_directory_trains_only_adapters_and_exports_the_same_model(corpus, tmp_path):
+def test_lora_finetune_trains_only_adapters_and_exports_the_same_model(corpus, tmp_path):
   from configs import finetune
   model_cfg = train.model_config_from(tiny_train_config(corpus).model)
-  source = export_hf(model_cfg, _params(model_cfg, seed=3), str(tmp_path / "source"))  # "converted" weights
+  source = str(checkpoint.save_model(tmp_path / "source", _params(model_cfg, seed=3), model_cfg))  # "converted"
 
   config = finetune.get_config("lora=True,rank=4,targets=wq,alpha=8.0")
   tiny = tiny_train_config(corpus, steps=6, learning_rate=3e-2, warmup_steps=1)
@@ -78,15 +79,13 @@ def test_lora_finetune_from_hf_directory_trains_only_adapters_and_exports_the_sa
   assert summary["lora_params"] == 2 * 4 * (40 + 5 * 12) + 2 * 7 * 4 * (36 + 40)
 
   # The checkpoint holds adapters only; the base weights are the source's, untouched.
-  import orbax.checkpoint as ocp
-  with ocp.PyTreeCheckpointer() as ckpt:
-    state = ckpt.restore(str(tmp_path / "run" / "checkpoints" / "6" / "state"))
+  state = restore_state(tmp_path / "run" / "checkpoints" / "6")
   assert sorted(lora.targets_of(state["params"])) == ["w2", "wq"]
   assert jax.tree.leaves(state["params"]) and all(set(v) == {"a", "b"} for v in (
       state["params"]["layers"]["attn"]["wq"], state["params"]["layers"]["moe"]["w2"]))
 
   cfg, base = load_pretrained(source)
-  cfg_exported, exported = load_pretrained(summary["export_hf"])
+  cfg_exported, exported = load_pretrained(summary["export"])
   assert cfg_exported == cfg
   changed = {name for name, (path, _, _) in lora.LEAVES.items()
              if not np.array_equal(lora._get(exported, path), lora._get(base, path))}
@@ -106,4 +105,4 @@ def test_lora_finetune_from_hf_directory_trains_only_adapters_and_exports_the_sa
 
   with pytest.raises(train.ConfigError, match="holds LoRA adapters"):
     load_pretrained(str(tmp_path / "run"))
-  assert os.path.isfile(os.path.join(summary["export_hf"], "model.safetensors"))
+  assert os.path.isfile(os.path.join(summary["hf"], "config.json"))  # finetune lora=True: also --to-hf

@@ -14,6 +14,7 @@ from flax import nnx
 
 from mixtral_jax import optim, train
 from mixtral_jax.routers import ROUTERS, MixtralTopK
+from mixtral_jax.train_checkpoints import load_pretrained
 
 WORDS = ("the quick brown fox jumps over the lazy dog while seven experts route every token to two of "
          "them and the router learns which expert knows what").split()
@@ -70,21 +71,40 @@ def _copy(tree):
   return jax.tree.map(np.array, tree)
 
 
+class CountingRouter(MixtralTopK):
+  """A router with non-parameter state and the generic `update_state` hook."""
+
+  def __init__(self, dim, num_experts, top_k, *, param_dtype=jnp.float32, rngs, **options):
+    super().__init__(dim, num_experts, top_k, param_dtype=param_dtype, rngs=rngs, **options)
+    self.seen = nnx.Variable(jnp.zeros((num_experts,), jnp.float32))
+
+  @staticmethod
+  def update_state(state, *, router, mask, step):
+    from mixtral_jax.metrics import expert_load
+    return {**state, "seen": state["seen"] + expert_load(router, mask)}
+
+
 def test_one_step_few_steps_and_gradient_accumulation(corpus):
   """Loss falls on a repeated batch; 2 microbatches of 2 rows == one batch of 4 rows (aux losses off here:
-  they are per-microbatch means, so only the cross-entropy accumulates exactly)."""
-  results = []
+  they are per-microbatch means, so only the cross-entropy accumulates exactly). The router-state hook sees
+  the whole step's routing either way."""
+  if "test_counting" not in ROUTERS:
+    ROUTERS.register("test_counting")(CountingRouter)
+  results, seen = [], []
   for accum, rows in ((1, 4), (2, 2)):
     # eps=1 makes Adam's first update lr * g / (|g| + 1) ~ lr * g: linear in the gradient, so comparing
     # parameters compares gradients (with eps=1e-8 it is lr * sign(g), and a 1-ulp sign flip moves 2 lr).
     config = tiny_train_config(corpus, grad_accum=accum, batch_size=rows, warmup_steps=0, schedule="constant",
                                learning_rate=1.0, eps=1.0, weight_decay=0.0)
     config.train.aux_losses.update(dict(load_balancing=0.0, z_loss=0.0))
+    config.model.router = "test_counting"
     setup, state, step = _step_fn(config)
+    assert "seen" not in state["params"]["layers"]["moe"]["router"]
     batch = _batch(4)
     batch["loss_mask"][1, :5] = 0  # uneven token counts across microbatches
     state, metrics = step(state, None, batch)
     results.append(_copy(state["params"]))
+    seen.append(np.asarray(state["rest"]["layers"]["moe"]["router"]["seen"]))  # [L, E] load after one step
     if accum == 1:
       layers, experts = setup.cfg.num_layers, setup.cfg.num_experts
       assert metrics["expert_load"].shape == (layers, experts) and metrics["router_entropy"].shape == (layers,)
@@ -99,6 +119,8 @@ def test_one_step_few_steps_and_gradient_accumulation(corpus):
       assert losses[-1] < 0.8 * losses[0] and min(losses[4:]) < min(losses[:4]), losses
   # results[0] was copied after the first step; float32 sums in a different order agree to ~1e-7.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *results)
+  np.testing.assert_allclose(seen[0].sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(seen[0], seen[1], rtol=1e-6)
 
 
 def test_weight_decay_mask_and_schedules(corpus):
@@ -118,30 +140,24 @@ def test_weight_decay_mask_and_schedules(corpus):
     optim.learning_rate_schedule(t)
 
 
-class CountingRouter(MixtralTopK):
-  """A router with non-parameter state, as an auxiliary-loss-free bias router has (issue 4)."""
-
-  def __init__(self, dim, num_experts, top_k, *, param_dtype=jnp.float32, rngs):
-    super().__init__(dim, num_experts, top_k, param_dtype=param_dtype, rngs=rngs)
-    self.seen = nnx.Variable(jnp.zeros((num_experts,), jnp.float32))
-
-  @staticmethod
-  def update_state(state, *, expert_load, step):
-    return {**state, "seen": state["seen"] + expert_load}
-
-
-def test_freezing_router_and_experts_and_the_router_state_hook(corpus):
-  """Frozen router and experts 0, 3 stay bit-identical (AdamW decay included); the hook updates a router's
-  non-parameter state once per step outside the gradient."""
-  if "test_counting" not in ROUTERS:
-    ROUTERS.register("test_counting")(CountingRouter)
+def test_freezing_router_and_experts_and_the_aux_free_bias_update(corpus):
+  """Frozen router and experts 0, 3 stay bit-identical (AdamW decay included); aux_free_bias's bias (model
+  state, not a parameter) moves by bias_rate * sign(mean load - load) each step, outside the gradient."""
+  from mixtral_jax.routers_extra import aux_free_bias_update
   config = tiny_train_config(corpus, freeze_router=True, freeze_experts="0,3")
-  config.model.router = "test_counting"
-  _, state, step = _step_fn(config)
-  assert "seen" not in state["params"]["layers"]["moe"]["router"]
+  config.model.router = "aux_free_bias"
+  config.model.router_options = {"bias_rate": 0.01}
+  setup, state, step = _step_fn(config)
+  assert "bias" not in state["params"]["layers"]["moe"]["router"]
   before = _copy(state["params"])
+  batch = _batch(4)
+  route = train.forward(setup, state["params"], None, state["rest"], batch, train=True,
+                        key=jax.random.fold_in(state["rng"], 0)).router
+  expected_bias = aux_free_bias_update(jnp.zeros((2, 7)), route, rate=0.01, mask=jnp.ones((4, 32)))
   for i in range(3):
-    state, _ = step(state, None, _batch(4, seed=i))
+    state, _ = step(state, None, batch if i == 0 else _batch(4, seed=i))
+    if i == 0:
+      np.testing.assert_allclose(state["rest"]["layers"]["moe"]["router"]["bias"], expected_bias, atol=1e-7)
   after = _copy(state["params"])
   np.testing.assert_array_equal(after["layers"]["moe"]["router"]["kernel"], before["layers"]["moe"]["router"]["kernel"])
   for name in ("w1", "w2", "w3"):
@@ -149,8 +165,6 @@ def test_freezing_router_and_experts_and_the_router_state_hook(corpus):
     np.testing.assert_array_equal(a[:, [0, 3]], b[:, [0, 3]])
     assert all(not np.array_equal(a[:, e], b[:, e]) for e in (1, 2, 4, 5, 6))
   assert not np.array_equal(after["layers"]["attn"]["wq"], before["layers"]["attn"]["wq"])
-  seen = np.asarray(state["rest"]["layers"]["moe"]["router"]["seen"])  # [L, E]
-  np.testing.assert_allclose(seen.sum(-1), 3.0, rtol=1e-6)  # three steps of load fractions summing to 1
   with pytest.raises(train.ConfigError, match="freeze_experts has \\[9\\]"):
     optim.parse_experts("1,9", 7)
 
@@ -163,6 +177,9 @@ def test_train_and_evaluate_checkpoints_metrics_and_restart(corpus, tmp_path):
   records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]
   assert len(records[1]["expert_load"]) == 2 and isinstance(summary["sample"], str)
+  cfg, params = load_pretrained(str(tmp_path))  # a workdir is a fine-tuning source: its latest full weights
+  assert cfg == train.build_setup(config).cfg
+  jax.tree.map(np.testing.assert_array_equal, params, restore_state(tmp_path / "checkpoints" / "6")["params"])
   config.train.sample_tokens = 0
   summary = train.train_and_evaluate(config, str(tmp_path))  # a finished run restores and only reports
   assert summary["start_step"] == summary["step"] == 6
@@ -202,10 +219,17 @@ def _run_py(workdir, corpus, *extra):
   return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _final_params(workdir, step=60):
+def restore_state(step_dir):
+  """A saved train state as numpy (Orbax warns that no sharding was given: on one host that is fine)."""
+  import warnings
   import orbax.checkpoint as ocp
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.join(workdir, "checkpoints", str(step), "state"))["params"]
+  with warnings.catch_warnings(), ocp.PyTreeCheckpointer() as checkpointer:
+    warnings.simplefilter("ignore", UserWarning)
+    return checkpointer.restore(os.path.join(step_dir, "state"))
+
+
+def _final_params(workdir, step=60):
+  return restore_state(os.path.join(workdir, "checkpoints", str(step)))["params"]
 
 
 def _wait_for_checkpoint(workdir, process, after=0, timeout=600):
