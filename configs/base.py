@@ -45,7 +45,7 @@ def mesh():
   """
   return ml_collections.ConfigDict(dict(
       data=1, fsdp=-1, expert=1, tensor=1,
-      rules=dict(layers="", vocab="tensor", embed="fsdp", heads="tensor", kv_heads="tensor", head_dim="",
+      rules=dict(layers="", vocab="tensor", embed="fsdp,expert", heads="tensor", kv_heads="tensor", head_dim="",
                  mlp="tensor", expert="expert", batch="data,fsdp,expert", seq="", act_embed="",
                  act_vocab="tensor")))
 

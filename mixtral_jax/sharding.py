@@ -37,7 +37,7 @@ DEFAULT_RULES = {
     # parameters
     "layers": "",            # the scanned layer axis: never split (scan slices it)
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": "fsdp,expert",  # non-expert weights also split over the expert axis (experts take it first)
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": "",
