@@ -105,17 +105,16 @@ def _exclusive_cumsum(x):
 
 
 def exchange(operand, out_rows: int, input_offsets, send_sizes, output_offsets, recv_sizes, axes: Axes,
-             ragged: bool):
+             ragged: bool, block: int):
   """ragged_all_to_all semantics: rows operand[input_offsets[j] : +send_sizes[j]] land on device j at
   output_offsets[j] of its [out_rows, D] result. `ragged=False` emulates it with a padded all_to_all of
-  [ep, block, D] (block = operand rows: the most one device can send to another)."""
+  [ep, block, D]; `block` bounds any send_sizes[j] (the most one device can send to another)."""
   output = jnp.zeros((out_rows,) + operand.shape[1:], operand.dtype)
   if ragged:
     return jax.lax.ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
                                      axis_name=axes.expert)
-  block = operand.shape[0]
   steps = jnp.arange(block, dtype=jnp.int32)
-  rows = jnp.minimum(input_offsets[:, None] + steps, block - 1)  # [ep, block]
+  rows = jnp.minimum(input_offsets[:, None] + steps, operand.shape[0] - 1)  # [ep, block]
   sent = jnp.where((steps < send_sizes[:, None])[..., None], operand[rows], 0)  # [ep, block, D]
   received = jax.lax.all_to_all(sent, axes.expert, 0, 0, tiled=True)  # [ep src, block, D]
   at = jax.lax.all_to_all(output_offsets, axes.expert, 0, 0, tiled=True)  # [ep src] my offsets for them
@@ -135,7 +134,8 @@ def _expert_parallel_rows(rows, counts, w1, w3, w2, dtype, axes: Axes, ragged: b
   recv_offsets = _exclusive_cumsum(recv_sizes)  # where each source's rows start in my buffer
   output_offsets = jax.lax.all_to_all(recv_offsets, axes.expert, 0, 0, tiled=True)  # [ep dst]
   capacity = ep * m  # dropless: in the worst case every source sends me all its rows
-  received = exchange(rows, capacity, input_offsets, send_sizes, output_offsets, recv_sizes, axes, ragged)
+  received = exchange(rows, capacity, input_offsets, send_sizes, output_offsets, recv_sizes, axes, ragged,
+                      block=m)
   # The buffer holds runs (source, local expert) in that order; regroup by local expert for ragged_dot.
   run_ends = jnp.cumsum(recv_counts.reshape(-1))  # [ep*El]
   run = jnp.searchsorted(run_ends, jnp.arange(capacity, dtype=jnp.int32), side="right")  # [R]
@@ -144,7 +144,8 @@ def _expert_parallel_rows(rows, counts, w1, w3, w2, dtype, axes: Axes, ragged: b
   out = _grouped_ffn(received[order], recv_counts.sum(0), w1, w3, w2, dtype, axes)
   out = jnp.zeros_like(out).at[order].set(out)  # [R, D] back in buffer order
   back_offsets = jax.lax.all_to_all(input_offsets, axes.expert, 0, 0, tiled=True)  # [ep src]
-  return exchange(out, m, recv_offsets, recv_sizes, back_offsets, send_sizes, axes, ragged)
+  # Each source sent me at most its m rows, so `m` also bounds what goes back to one device.
+  return exchange(out, m, recv_offsets, recv_sizes, back_offsets, send_sizes, axes, ragged, block=m)
 
 
 def dropless_shard(x, experts, weights, w1, w3, w2, *, num_experts, capacity_factor, dtype, axes: Axes,
