@@ -87,7 +87,10 @@ def test_logical_to_spec():
   assert sharding.logical_to_spec(("expert", "expert"), rules) == P("expert")
   # With sizes: a dimension the mesh axes do not divide gives up trailing axes (8 % (2*4*2) != 0 -> data,fsdp).
   assert sharding.logical_to_spec(("batch", "act_vocab"), rules, FakeMesh, (8, 131)) == P(("data", "fsdp"))
-  assert sharding.logical_to_spec(("vocab", "embed"), rules, FakeMesh, (257, 40)) == P(None, "fsdp")
+  assert sharding.logical_to_spec(("vocab", "embed"), rules, FakeMesh, (257, 40)) == P(None, ("fsdp", "expert"))
+  # Expert weights: `expert` goes to E first, so `embed` keeps only fsdp.
+  assert sharding.logical_to_spec(("expert", "embed", "mlp"), rules, FakeMesh, (8, 40, 6)) == P("expert", "fsdp",
+                                                                                               "tensor")
 
 
 def test_every_parameter_has_logical_axes_with_layer_axis_prepended():
@@ -210,3 +213,37 @@ def test_orbax_restore_onto_a_different_mesh(mesh_results):
   # init_model creates a model directly in its sharded layout, with build()'s values (up to jit's fused
   # rounding of the normal sampler, ~1e-8).
   assert r["init_spec"] == "P(None, 'expert')" and r["init_max_abs_diff"] < 1e-7
+
+
+# --- memory planner --------------------------------------------------------------------------------------------
+
+def test_plan_train_8x7b_on_h100_and_h200():
+  from configs import plan_train
+  from mixtral_jax.config import model_config_from
+  from mixtral_jax.train_plan import GiB, plan
+  config = plan_train.get_config()
+  cfg, mesh_cfg = model_config_from(config.model), sharding.mesh_config_from(config.mesh)
+  h100 = plan(cfg, mesh_cfg, hardware="h100_80gb", batch_size=8, seq_len=4096)
+  assert h100.mesh == dict(data=1, fsdp=1, expert=8, tensor=1) and h100.batch_per_device == 1
+  # Every 8x7B tensor divides by 8 on this mesh: float32 master weights are exactly 4 bytes x 46.7B / 8.
+  assert h100.rows["train"]["params"] == 46_702_792_704 * 4 // 8
+  assert h100.rows["train"]["optimizer"] == pytest.approx(2 * h100.rows["train"]["params"], rel=1e-6)
+  assert not h100.fits("train") and h100.fits("lora")  # 16 bytes/param = 87 GiB before activations
+  assert plan(cfg, mesh_cfg, hardware="h200", batch_size=8, seq_len=4096).fits("train")
+  # Activations: remat=full keeps each layer's input; none keeps much more.
+  full = h100.rows["train"]["activations"]
+  assert full >= 32 * 4096 * 4096 * 2  # L x T x D in bfloat16
+  none = plan(cfg.replace(remat="none"), mesh_cfg, hardware="h100_80gb", batch_size=8, seq_len=4096)
+  assert none.rows["train"]["activations"] > 10 * full
+  tpu = plan(cfg, mesh_cfg, hardware="tpu_v5p_8", batch_size=8, seq_len=4096)
+  assert tpu.mesh["expert"] == 4 and tpu.batch_per_device == 2
+  with pytest.raises(ConfigError, match="config.plan.hardware='h300' is unknown"):
+    plan(cfg, mesh_cfg, hardware="h300", batch_size=8, seq_len=4096)
+
+
+def test_plan_train_mode_prints_a_table(capsys):
+  from configs import plan_train
+  from mixtral_jax.modes import load_modes
+  load_modes().get("plan_train")(plan_train.get_config("hardware=h200,seq=1024"), "/tmp")
+  out = capsys.readouterr().out
+  assert "8x NVIDIA H200" in out and "mesh expert=8" in out and "optimizer" in out and "fits" in out
