@@ -203,8 +203,10 @@ def run_sharded(shard_fn, x, route, w1, w3, w2, *, dtype, capacity_factor, **kwa
   axes = mesh_axes(mesh, rules, num_experts, w1.shape[-1])
   shards = math.prod(mesh.shape[a] for a in axes.tokens)
   if x.shape[0] % shards:
-    raise ValueError(f"{x.shape[0]} tokens (batch x sequence) cannot be split over {shards} token shards "
-                     f"(mesh axes {axes.tokens}); make the batch divisible")
+    # E.g. decoding one token on a big mesh: run as one shard and let GSPMD gather what it needs (correct,
+    # not fast; capacity then counts over all tokens at once).
+    return shard_fn(x, experts, weights, w1, w3, w2, num_experts=num_experts, capacity_factor=capacity_factor,
+                    dtype=dtype, axes=Axes(), **kwargs)
   tok, ep, tp = _spec(axes.tokens), _spec(axes.expert), _spec(axes.tensor)
   body = functools.partial(shard_fn, num_experts=num_experts, capacity_factor=capacity_factor, dtype=dtype,
                            axes=axes, **kwargs)

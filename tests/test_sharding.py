@@ -203,6 +203,7 @@ def test_mesh_layer_all_meshes_capacity_drops_skewed_dropless_and_ragged_lowerin
       errs = layer[f"grad_{mesh}_{dispatch}"]
       assert errs["y"] < 1e-6 and errs["grads"] < 1e-5, (mesh, dispatch, errs)
   assert layer["ragged_ops_in_grad"] >= 3  # forward exchange + the two transposed ones
+  assert layer["indivisible_tokens"] < 1e-6
 
 
 def test_orbax_restore_onto_a_different_mesh(mesh_results):
