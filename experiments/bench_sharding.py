@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from experiments.roofline import measure  # noqa: E402
-from mixtral_jax import expert_parallel, sharding  # noqa: E402
+from mixtral_jax import sharding  # noqa: E402
+from mixtral_jax.dispatch import expert_capacity  # noqa: E402
 from mixtral_jax.config import ModelConfig  # noqa: E402
 from mixtral_jax.model import build  # noqa: E402
 
@@ -77,7 +78,7 @@ def theory_all_to_all(dispatch: str, ep: int, tokens_per_shard: int) -> dict:
   if ep == 1:
     return {"padded": 0, "ragged": 0}
   n, k, e, d = tokens_per_shard, CFG.top_k, CFG.num_experts, CFG.dim
-  per_exchange = {"ep_capacity": e * expert_parallel.expert_capacity(n, k, e, CFG.capacity_factor) * d,
+  per_exchange = {"ep_capacity": e * expert_capacity(n, e, k, CFG.capacity_factor) * d,
                   "ep_dropless": ep * n * k * d}[dispatch]
   return {"padded": 4 * CFG.num_layers * per_exchange * 4, "ragged": 4 * CFG.num_layers * n * k * d * 4}
 

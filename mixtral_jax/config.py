@@ -41,6 +41,8 @@ class ModelConfig:
   capacity_factor: float = 1.25   # used by capacity-based dispatch only
   num_shared_experts: int = 0     # DeepSeekMoE-style always-on experts of width ffn_dim
   router_jitter: float = 0.0      # multiplicative noise on the router input, training only
+  router_logits_cap: float = 0.0  # > 0: router logits soft-capped to cap * tanh(logits / cap); 0 = off
+  grouped_matmul: str = "auto"    # dropless dispatch: auto | blocks (CPU) | ragged_dot (accelerators)
   param_dtype: str = "float32"
   dtype: str = "float32"          # compute dtype; router math is float32 regardless
   remat: str = "none"             # one of REMAT_POLICIES
@@ -70,6 +72,7 @@ def validate(cfg: ModelConfig) -> ModelConfig:
   """Checks a ModelConfig; raises ConfigError naming the field. Returns cfg for chaining."""
   # Imported here: the registries import this module.
   from mixtral_jax import dispatch, routers
+  from mixtral_jax.grouped import GROUPED_MATMULS
 
   for name in _POSITIVE:
     value = getattr(cfg, name)
@@ -95,6 +98,14 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     raise ConfigError(f"config.model.capacity_factor must be positive, got {cfg.capacity_factor!r}")
   if cfg.num_shared_experts < 0 or cfg.router_jitter < 0:
     raise ConfigError("config.model.num_shared_experts and config.model.router_jitter must be >= 0")
+  if not cfg.router_logits_cap >= 0:
+    raise ConfigError(f"config.model.router_logits_cap must be >= 0 (0 = off), got {cfg.router_logits_cap!r}")
+  if cfg.grouped_matmul not in GROUPED_MATMULS:
+    raise ConfigError(f"config.model.grouped_matmul={cfg.grouped_matmul!r} is not one of "
+                      f"{', '.join(GROUPED_MATMULS)}")
+  problem = routers.check_router_config(cfg.router, cfg.top_k, cfg.num_experts, cfg.router_kwargs)
+  if problem:
+    raise ConfigError(problem)
   for name in ("param_dtype", "dtype"):
     if getattr(cfg, name) not in DTYPES:
       raise ConfigError(f"config.model.{name}={getattr(cfg, name)!r} is not one of {', '.join(DTYPES)}")

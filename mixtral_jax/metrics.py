@@ -3,36 +3,44 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
+
+from mixtral_jax.losses import z_loss_per_layer
+from mixtral_jax.routers import expert_counts
 
 
 def expert_load(router, mask=None, num_experts=None):
-  """[L, E] fraction of (non-padding) routing slots each expert received."""
-  experts, weights = router.experts, router.weights  # [L, B, T, k]
-  num_experts = num_experts or router.probs.shape[-1]
-  m = jnp.ones(experts.shape[1:3], jnp.float32) if mask is None else mask.astype(jnp.float32)
-  used = (weights > 0).astype(jnp.float32) * m[None, :, :, None]  # [L, B, T, k]
-  counts = jnp.einsum("lbtke,lbtk->le", jax.nn.one_hot(experts, num_experts, dtype=jnp.float32), used)
+  """[L, E] fraction of (non-padding, used) routing slots each expert received."""
+  counts = expert_counts(router, mask, num_experts)  # [L, E]
   return counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
 
 
 def moe_metrics(router, stats=None, mask=None) -> dict:
-  """Per-layer ([L]) metrics: load fractions [L, E], router entropy / log E, load CV, max violation,
-  dead experts; plus the dispatch statistics passed through."""
+  """Per-layer metrics of the model's routing (leaves [L, B, T, ...]; mask [B, T], 1 = real token):
+
+    expert_load     [L, E] fraction of used slots per expert (sums to 1)
+    router_entropy  [L] mean entropy of `probs` / log E (1 = uniform, 0 = one-hot)
+    load_cv         [L] std / mean of expert_load (0 = balanced)
+    max_violation   [L] max load / mean load - 1 (0 = balanced; the capacity factor a dropless run would need, minus 1)
+    dead_experts    [L] experts that received no slot
+    z_loss          [L] masked mean logsumexp(logits)^2
+  plus the dispatch statistics passed through (`dropped_fraction`, `dropped_tokens`, each [L]).
+  """
   num_experts = router.probs.shape[-1]
   load = expert_load(router, mask, num_experts)  # [L, E]
   m = jnp.ones(router.probs.shape[1:3], jnp.float32) if mask is None else mask.astype(jnp.float32)
   p = router.probs.astype(jnp.float32)
   entropy = -jnp.sum(p * jnp.log(jnp.clip(p, 1e-9)), axis=-1)  # [L, B, T]
-  entropy = jnp.sum(entropy * m, axis=(1, 2)) / jnp.maximum(jnp.sum(m), 1.0) / math.log(num_experts)
-  mean = jnp.mean(load, axis=-1, keepdims=True)
+  entropy = jnp.einsum("lbt,bt->l", entropy, m) / jnp.maximum(jnp.sum(m), 1.0)
+  mean = jnp.mean(load, axis=-1)  # [L]; 1/E unless the batch routed nothing
+  mean = jnp.where(mean > 0, mean, 1.0)
   out = {
       "expert_load": load,
-      "router_entropy": entropy,
-      "load_cv": jnp.std(load, axis=-1) / jnp.squeeze(mean, -1),
-      "max_violation": jnp.max(load, axis=-1) / jnp.squeeze(mean, -1) - 1.0,
+      "router_entropy": entropy / math.log(num_experts) if num_experts > 1 else jnp.zeros_like(entropy),
+      "load_cv": jnp.std(load, axis=-1) / mean,
+      "max_violation": jnp.max(load, axis=-1) / mean - 1.0,
       "dead_experts": jnp.sum(load == 0, axis=-1).astype(jnp.float32),
+      "z_loss": z_loss_per_layer(router, mask),
   }
   out.update(stats or {})
   return out

@@ -14,8 +14,8 @@ from flax import nnx, struct
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import Attention, RMSNorm, normal_param
 from mixtral_jax.moe import MoEBlock
+from mixtral_jax.routers import RouterOutput, require_causal
 from mixtral_jax.sharding import constrain
-from mixtral_jax.routers import RouterOutput
 
 REMAT = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -69,7 +69,8 @@ class DecoderLayer(nnx.Module):
     self.moe = MoEBlock(cfg.dim, cfg.ffn_dim, cfg.num_experts, cfg.top_k, router=cfg.router,
                         router_options=cfg.router_kwargs, dispatch=cfg.dispatch,
                         capacity_factor=cfg.capacity_factor, num_shared_experts=cfg.num_shared_experts,
-                        router_jitter=cfg.router_jitter, dtype=dt, param_dtype=pdt, rngs=rngs)
+                        router_jitter=cfg.router_jitter, router_logits_cap=cfg.router_logits_cap,
+                        grouped_matmul=cfg.grouped_matmul, dtype=dt, param_dtype=pdt, rngs=rngs)
 
   def __call__(self, x, positions, segment_ids, *, cache=None, token_ids=None, train=False, key=None):
     h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache)
@@ -103,6 +104,8 @@ class Mixtral(nnx.Module):
     written to it and the updated cache is returned in the output."""
     cfg = self.config
     b, t = tokens.shape
+    if cache is not None:
+      require_causal(cfg.router)  # expert_choice cannot decode token by token
     start = 0 if cache is None else cache.index
     if positions is None:
       positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -1,4 +1,10 @@
-"""The sparse MoE block: router looked up by name, stacked SwiGLU experts, dispatch looked up by name."""
+"""The sparse MoE block: router looked up by name, stacked SwiGLU experts, dispatch looked up by name.
+
+Block options (all from ModelConfig): shared experts always applied (DeepSeekMoE, Dai et al. 2024,
+arXiv:2401.06066); fine-grained experts are just config (more, narrower experts: num_experts x m,
+ffn_dim / m, top_k x m); router jitter (multiplicative noise on the router input only, Switch
+Transformer); a soft cap on the router logits.
+"""
 from __future__ import annotations
 
 import jax
@@ -32,15 +38,18 @@ class MoEBlock(nnx.Module):
 
   def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, *, router: str,
                router_options: dict, dispatch: str, capacity_factor: float, num_shared_experts: int,
-               router_jitter: float, dtype, param_dtype, rngs: nnx.Rngs):
+               router_jitter: float, dtype, param_dtype, rngs: nnx.Rngs, router_logits_cap: float = 0.0,
+               grouped_matmul: str = "auto"):
     self.router = ROUTERS.get(router)(dim, num_experts, top_k, param_dtype=param_dtype, rngs=rngs,
-                                      **router_options)
+                                      logits_cap=router_logits_cap, **router_options)
     self.w1 = normal_param(rngs, (num_experts, dim, ffn_dim), param_dtype, ("expert", "embed", "mlp"))
     self.w3 = normal_param(rngs, (num_experts, dim, ffn_dim), param_dtype, ("expert", "embed", "mlp"))
     self.w2 = normal_param(rngs, (num_experts, ffn_dim, dim), param_dtype, ("expert", "mlp", "embed"))
     self.shared = (SwiGLU(dim, ffn_dim * num_shared_experts, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                    if num_shared_experts else None)
     self.dispatch = dispatch
+    self.grouped_matmul = grouped_matmul
+    self.top_k = top_k
     self.capacity_factor = capacity_factor
     self.router_jitter = router_jitter
     self.dtype = dtype
@@ -62,7 +71,7 @@ class MoEBlock(nnx.Module):
     route = self.router(router_in, token_ids=ids, train=train, key=router_key)
     y, stats = DISPATCHERS.get(self.dispatch)(
         flat, route, self.w1[...], self.w3[...], self.w2[...], dtype=self.dtype,
-        capacity_factor=self.capacity_factor)
+        capacity_factor=self.capacity_factor, top_k=self.top_k, grouped_matmul=self.grouped_matmul)
     if self.shared is not None:
       y = y + self.shared(flat)
     route = jax.tree.map(lambda a: a.reshape(b, t, *a.shape[1:]), route)

@@ -131,6 +131,18 @@ def check_restore():
     ref_loss = value_and_grad(from_params(CFG, params), tokens())[0]
     moved = from_params(CFG, restored)
     out["loss_err"] = abs(value_and_grad(moved, tokens(), load_mesh, load_cfg.rules_dict)[0] - ref_loss)
+    # checkpoint.save_model of the sharded model (Orbax writes shard by shard), then load_model straight onto
+    # the other mesh: each device reads only its slices, nothing is assembled on one device first.
+    from mixtral_jax import checkpoint
+    checkpoint.save_model(os.path.join(tmp, "model"), model)
+    loaded = checkpoint.load_model(os.path.join(tmp, "model"), dispatch="ep_dropless",
+                                   shardings=lambda s: sharding.state_shardings(s, load_mesh, load_cfg.rules_dict))
+    w1 = loaded.layers.moe.w1[...]
+    out["load_model_spec"] = str(w1.sharding.spec)
+    out["load_model_devices"] = len(w1.sharding.device_set)
+    out["load_model_max_abs_diff"] = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(
+        jax.tree.leaves(params_of(loaded)), jax.tree.leaves(params)))
+    out["load_model_loss_err"] = abs(value_and_grad(loaded, tokens(), load_mesh, load_cfg.rules_dict)[0] - ref_loss)
   init = sharding.init_model(CFG, 0, save_mesh, save_cfg.rules_dict)
   out["init_spec"] = str(init.layers.moe.w1[...].sharding.spec)
   out["init_max_abs_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
@@ -222,13 +234,13 @@ def check_layer():
     shards = np.prod([mesh.shape[a] for a in ep.mesh_axes(mesh, rules, e, f).tokens])
     with sharding.use_mesh(mesh, rules):
       y, stats = jax.jit(lambda x: ep.ep_capacity(x, route, w1, w3, w2, dtype=jnp.float32,
-                                                  capacity_factor=1.0))(x)
-    # Reference: the same capacity rule applied to each token shard on its own, all experts local.
+                                                  capacity_factor=1.0, top_k=k))(x)
+    # Reference: single-device `capacity` applied to each token shard on its own.
     ref, dropped = [], []
     for rows in np.split(np.arange(n), shards):
       r = jax.tree.map(lambda a: a[rows], route)
-      yy, ss = ep.capacity_shard(x[rows], r.experts, r.weights, w1, w3, w2, num_experts=e,
-                                 capacity_factor=1.0, dtype=jnp.float32, axes=ep.Axes())
+      yy, ss = DISPATCHERS.get("capacity")(x[rows], r, w1, w3, w2, dtype=jnp.float32, capacity_factor=1.0,
+                                           top_k=k)
       ref.append(yy)
       dropped.append(float(ss["dropped_fraction"]))
     out[f"capacity_{mesh_name}"] = dict(err=rel(y, np.concatenate(ref)), dropped=float(stats["dropped_fraction"]),
@@ -240,8 +252,9 @@ def check_layer():
   mesh_cfg = sharding.mesh_config_from(MESHES["expert8"])
   mesh, rules = sharding.make_mesh(mesh_cfg), mesh_cfg.rules_dict
   with sharding.use_mesh(mesh, rules):
-    lowered = jax.jit(jax.grad(lambda x: ep.run_sharded(ep.dropless_shard, x, route, w1, w3, w2, dtype=jnp.float32,
-                                                        capacity_factor=None, ragged=True)[0].sum())).lower(x)
+    lowered = jax.jit(jax.grad(lambda x: ep.run_sharded(
+        ep.dropless_shard, x, route, w1, w3, w2, dtype=jnp.float32, capacity_factor=None, ragged=True,
+        grouped_matmul="ragged_dot")[0].sum())).lower(x)
   out["ragged_ops_in_grad"] = lowered.as_text().count("ragged_all_to_all")
   # 9 tokens cannot be split over 8 shards (one-token decoding is the real case): runs as one shard.
   few = jax.tree.map(lambda a: a[:9], route)

@@ -124,36 +124,46 @@ def _layer_inputs(n=37, d=11, f=13, e=7, k=2, scale=3.0):
   return x, topk_renormalized(jax.random.normal(keys[4], (n, e)) * scale, k), w1, w3, w2
 
 
-def test_ep_dispatch_without_mesh_equals_dense():
+def test_ep_dispatch_without_mesh_equals_the_single_device_strategies():
   x, route, w1, w3, w2 = _layer_inputs()
   e, k = w1.shape[0], route.experts.shape[1]
 
-  def loss(name, x, w1, w3, w2):
-    y, _ = DISPATCHERS.get(name)(x, route, w1, w3, w2, dtype=jnp.float32, capacity_factor=e / k)
-    return jnp.sum(y * jnp.cos(y)), y
+  def loss(name, capacity_factor, x, w1, w3, w2):
+    y, stats = DISPATCHERS.get(name)(x, route, w1, w3, w2, dtype=jnp.float32, capacity_factor=capacity_factor,
+                                     top_k=k)
+    return jnp.sum(y * jnp.cos(y)), (y, stats)
 
-  @jax.jit  # one compile for all three strategies
+  @jax.jit  # one compile for all the strategies
   def outputs_and_grads(x, w1, w3, w2):
-    return {name: jax.value_and_grad(functools.partial(loss, name), argnums=(0, 1, 2, 3), has_aux=True)(
-        x, w1, w3, w2) for name in ("dense", "ep_capacity", "ep_dropless")}
+    grad = lambda name, cf: jax.value_and_grad(functools.partial(loss, name, cf), argnums=(0, 1, 2, 3),  # noqa
+                                               has_aux=True)(x, w1, w3, w2)
+    # capacity_factor 1.0 drops slots here; E / k never does.
+    return {(name, cf): grad(name, cf) for name in ("dense", "capacity", "ep_capacity", "dropless", "ep_dropless")
+            for cf in (1.0, e / k)}
 
-  results = outputs_and_grads(x, w1, w3, w2)
-  (_, ref), ref_grads = results["dense"]
-  for name in ("ep_capacity", "ep_dropless"):
-    (_, y), grads = results[name]
-    # float32, same math in a different order: agreement to rounding.
-    assert rel_err(y, ref) < 1e-6, name
-    for g, r in zip(grads, ref_grads):
-      assert rel_err(g, r) < 1e-5, name
+  out = outputs_and_grads(x, w1, w3, w2)
+  for cf in (1.0, e / k):
+    for ours, theirs in (("ep_capacity", "capacity"), ("ep_dropless", "dropless"), ("ep_dropless", "dense")):
+      ((_, (y, stats)), grads), ((_, (ref, ref_stats)), ref_grads) = out[ours, cf], out[theirs, cf]
+      # float32; the same slots in a different order of operations: agreement to rounding.
+      assert rel_err(y, ref) < 1e-6, (ours, theirs, cf)
+      for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-5, (ours, theirs, cf)
+      for name in ("dropped_fraction", "dropped_tokens"):
+        assert float(stats[name]) == pytest.approx(float(ref_stats[name])), (ours, name)
+  assert float(out["ep_capacity", 1.0][0][1][1]["dropped_fraction"]) > 0.05
+  assert rel_err(out["ep_capacity", e / k][0][1][0], out["dense", e / k][0][1][0]) < 1e-6
 
 
 def test_ep_capacity_drops_over_capacity_and_counts_them():
+  from mixtral_jax.dispatch import expert_capacity
   x, route, w1, w3, w2 = _layer_inputs(n=40, e=5, k=2)
-  # Everyone's first choice is expert 0: it has ceil(1.0 * 40 * 2 / 5) = 16 slots for 40 first choices.
+  # Everyone's first choice is expert 0: it has ceil(2 * 40 * 1.0 / 5) = 16 rows for 40 first choices.
   route = route.replace(experts=route.experts.at[:, 0].set(0).at[:, 1].set(1 + jnp.arange(40) % 4))
-  y, stats = jax.jit(lambda x: ep.ep_capacity(x, route, w1, w3, w2, dtype=jnp.float32, capacity_factor=1.0))(x)
-  assert ep.expert_capacity(40, 2, 5, 1.0) == 16
-  assert float(stats["dropped_fraction"]) == pytest.approx(24 / 80)
+  y, stats = jax.jit(lambda x: ep.ep_capacity(x, route, w1, w3, w2, dtype=jnp.float32, capacity_factor=1.0,
+                                              top_k=2))(x)
+  assert expert_capacity(40, 5, 2, 1.0) == 16
+  assert float(stats["dropped_fraction"]) == pytest.approx(24 / 80) and float(stats["dropped_tokens"]) == 0
   # The first 16 tokens keep both experts; the rest only their second choice (first choices go in first).
   solo = route.replace(weights=route.weights.at[16:, 0].set(0.0))
   ref, _ = jax.jit(lambda x: DISPATCHERS.get("dense")(x, solo, w1, w3, w2, dtype=jnp.float32))(x)
@@ -206,11 +216,14 @@ def test_mesh_layer_all_meshes_capacity_drops_skewed_dropless_and_ragged_lowerin
   assert layer["indivisible_tokens"] < 1e-6
 
 
-def test_orbax_restore_onto_a_different_mesh(mesh_results):
+def test_orbax_restore_and_load_model_onto_a_different_mesh(mesh_results):
   r = mesh_results["restore"]
   assert r["spec_saved"] == "P(None, 'expert')" and r["spec_restored"] == "P(None, None, 'fsdp', 'tensor')"
   assert r["shard_restored"] == [2, 8, 11, 11]
   assert r["max_abs_diff"] == 0.0 and r["single_max_abs_diff"] == 0.0 and r["loss_err"] < 1e-6
+  # checkpoint.load_model onto a mesh: every device holds only its slices, values and loss unchanged.
+  assert r["load_model_spec"] == "P(None, None, 'fsdp', 'tensor')" and r["load_model_devices"] == 8
+  assert r["load_model_max_abs_diff"] == 0.0 and r["load_model_loss_err"] < 1e-6
   # init_model creates a model directly in its sharded layout, with build()'s values (up to jit's fused
   # rounding of the normal sampler, ~1e-8).
   assert r["init_spec"] == "P(None, 'expert')" and r["init_max_abs_diff"] < 1e-7
