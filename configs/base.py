@@ -83,12 +83,35 @@ def logging_config():
   ))
 
 
+def mesh():
+  """How devices are arranged and what is split over them (see mixtral_jax/sharding.py).
+
+  Axis sizes multiply to the device count; -1 takes the rest. The default (fsdp=-1) splits every non-expert
+  weight and the batch over all devices, which on one device is no split at all. `rules` map the logical
+  axis names on parameters/activations to comma-separated mesh axes ("" = replicated).
+  """
+  return ml_collections.ConfigDict(dict(
+      data=1, fsdp=-1, expert=1, tensor=1,
+      rules=dict(layers="", vocab="tensor", embed="fsdp,expert", heads="tensor", kv_heads="tensor", head_dim="",
+                 mlp="tensor", expert="expert", batch="data,fsdp,expert", seq="", act_embed="",
+                 act_vocab="tensor")))
+
+
+def distributed():
+  """Multi-process runs (jax.distributed.initialize): coordinator "host:port", process count and this
+  process's id; also read from MIXTRAL_COORDINATOR / MIXTRAL_NUM_PROCESSES / MIXTRAL_PROCESS_ID.
+  `auto=True` lets jax detect SLURM / TPU pods / Open MPI instead."""
+  return ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1, auto=False))
+
+
 def get_config(arg=None):
   variant = parse_arg(arg, runlocal=False)
   config = ml_collections.ConfigDict()
   config.mode = "summary"   # what run.py does; see mixtral_jax.modes.MODES
   config.seed = 0
   config.model = tiny_model()
+  config.mesh = mesh()
+  config.distributed = distributed()
   # summary mode: a forward pass on a random batch of this shape
   config.batch_size = 2
   config.seq_len = 64 if variant.runlocal else 128
