@@ -15,6 +15,7 @@ from mixtral_jax.config import ModelConfig
 from mixtral_jax.layers import Attention, RMSNorm, normal_param
 from mixtral_jax.moe import MoEBlock
 from mixtral_jax.routers import RouterOutput, require_causal
+from mixtral_jax.sharding import constrain
 
 REMAT = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -113,6 +114,7 @@ class Mixtral(nnx.Module):
     positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
 
     x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)  # [B, T, D]
+    x = constrain(x, ("batch", "seq", "act_embed"))  # a no-op outside sharding.use_mesh
     shared = None
     if cache is not None:
       keep = min(t, cache.size)
@@ -127,6 +129,7 @@ class Mixtral(nnx.Module):
     def body(h, xs):
       state, kv, layer_key = xs
       layer = nnx.merge(graphdef, state)
+      h = constrain(h, ("batch", "seq", "act_embed"))
       layer_cache = None if kv is None else (kv[0], kv[1], *shared)
       h, route, stats, new_kv = layer(h, positions, segment_ids, cache=layer_cache, token_ids=tokens,
                                       train=train, key=layer_key)
@@ -147,6 +150,7 @@ class Mixtral(nnx.Module):
     hidden = self.final_norm(x)
     logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(cfg.jnp_dtype),
                         preferred_element_type=jnp.float32)  # [B, T, V]
+    logits = constrain(logits, ("batch", "seq", "act_vocab"))
     new_cache = None
     if cache is not None:
       new_cache = KVCache(k=new_kv[0], v=new_kv[1], pos=shared[0], seg=shared[1], index=cache.index + t)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mixtral_jax import expert_parallel  # noqa: F401  (registers the ep_* dispatch strategies)
 from mixtral_jax.dispatch import DISPATCHERS
 from mixtral_jax.layers import normal_param
 from mixtral_jax.routers import ROUTERS

@@ -136,3 +136,42 @@ def config_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
       num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k, rope_theta=cfg.rope_theta,
       rms_norm_eps=cfg.norm_eps, sliding_window=cfg.sliding_window, max_position_embeddings=cfg.max_positions,
       tie_word_embeddings=False, hidden_act="silu", bos_token_id=1, eos_token_id=2)
+
+
+# --- The original Mistral release (params.json + consolidated.*) -------------------------------------
+
+def config_from_mistral(p: Mapping[str, Any], vocab_size: int | None = None, **overrides) -> ModelConfig:
+  """Mistral params.json dict -> ModelConfig. rope_theta defaults to 1e6 (Mixtral's); vocab_size may be
+  absent or -1 in some releases, then the embedding's row count is used."""
+  moe = p["moe"]
+  heads = p["n_heads"]
+  vocab = p.get("vocab_size")
+  model = dict(
+      vocab_size=vocab if vocab not in (None, -1) else vocab_size, dim=p["dim"], num_layers=p["n_layers"],
+      num_heads=heads, num_kv_heads=p.get("n_kv_heads") or heads, head_dim=p.get("head_dim") or p["dim"] // heads,
+      ffn_dim=p["hidden_dim"], num_experts=moe["num_experts"], top_k=moe["num_experts_per_tok"],
+      rope_theta=float(p.get("rope_theta") or 1e6), norm_eps=p.get("norm_eps", 1e-5),
+      sliding_window=p.get("sliding_window"))
+  model.update(overrides)
+  return model_config_from(model)
+
+
+def config_to_mistral(cfg: ModelConfig) -> Dict[str, Any]:
+  """ModelConfig -> Mistral params.json fields."""
+  return dict(dim=cfg.dim, n_layers=cfg.num_layers, head_dim=cfg.head_dim, hidden_dim=cfg.ffn_dim,
+              n_heads=cfg.num_heads, n_kv_heads=cfg.num_kv_heads, norm_eps=cfg.norm_eps,
+              vocab_size=cfg.vocab_size, rope_theta=cfg.rope_theta, sliding_window=cfg.sliding_window,
+              moe=dict(num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k))
+
+
+def interleaved_to_half(w: np.ndarray, heads: int) -> np.ndarray:
+  """q/k projection rows [N*Dh, D] from Mistral's interleaved rotary pairs (2i, 2i+1) to the rotate-half
+  pairs (i, i + Dh/2) this model and HF use: within each head, even rows first, then odd rows."""
+  rows, d = w.shape
+  return w.reshape(heads, rows // heads // 2, 2, d).transpose(0, 2, 1, 3).reshape(rows, d)
+
+
+def half_to_interleaved(w: np.ndarray, heads: int) -> np.ndarray:
+  """The inverse of interleaved_to_half (HF / ours -> Mistral's layout)."""
+  rows, d = w.shape
+  return w.reshape(heads, 2, rows // heads // 2, d).transpose(0, 2, 1, 3).reshape(rows, d)

@@ -1,0 +1,61 @@
+"""The machine's own roofline, measured with JAX in the calling process: every benchmark reports against it.
+
+    from experiments.roofline import measure
+    peak = measure()   # {'matmul_gflops': ..., 'read_gbps': ..., 'device': ..., 'load': ...}
+
+matmul_gflops: best of several float32 square matmuls (the compute ceiling XLA reaches here).
+read_gbps: a large float32 matrix-vector product (reads the matrix once): the weight-streaming ceiling
+that batch-1 decode lives under.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def _best_time(fn, *args, repeats: int = 5) -> float:
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def matmul_gflops(n: int = 2048, dtype=jnp.float32) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  t = _best_time(jax.jit(jnp.matmul), a, b)
+  return 2 * n ** 3 / t / 1e9
+
+
+def read_gbps(rows: int = 8192, cols: int = 8192) -> float:
+  w = jax.random.normal(jax.random.key(0), (rows, cols), jnp.float32)  # 256 MiB: far beyond cache
+  x = jnp.ones((cols,), jnp.float32)
+  t = _best_time(jax.jit(jnp.matmul), w, x)
+  return w.size * 4 / t / 1e9
+
+
+def describe() -> dict:
+  return {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+          "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
+          "load_avg_1m": os.getloadavg()[0]}
+
+
+def measure(quick: bool = False) -> dict:
+  """Measures the roofline now (a few seconds; `quick` uses smaller sizes for tests)."""
+  n, rows = (512, 1024) if quick else (2048, 8192)
+  out = describe()
+  out["matmul_gflops"] = max(matmul_gflops(n), matmul_gflops(n // 2))
+  out["read_gbps"] = read_gbps(rows, rows)
+  return out
+
+
+if __name__ == "__main__":
+  print(json.dumps(measure(), indent=2))

@@ -1,0 +1,118 @@
+"""Evaluation: perplexity, log-likelihood multiple-choice scoring, Open LLM Leaderboard v2 normalisation.
+
+Scoring is pure given token ids; tokenisation happens at the boundary (the `eval` mode).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The seed's Open LLM Leaderboard v2 table for Mixtral-8x7B (normalised scores, 0-100): what a run on the
+# real weights should reproduce.
+MIXTRAL_8X7B_LEADERBOARD = {"IFEval": 24.15, "BBH": 30.29, "MATH Lvl5": 10.20, "GPQA": 8.50,
+                            "MUSR": 12.58, "MMLU-PRO": 31.66}
+
+
+def normalized_score(raw: float, *, num_choices: int | None = None, lower_bound: float | None = None) -> float:
+  """Leaderboard v2: (raw - 1/n) / (1 - 1/n) * 100, clamped at 0 (raw below the random baseline).
+
+  Generative tasks (IFEval, MATH) have lower bound 0, i.e. the score is just raw * 100.
+  """
+  if lower_bound is None:
+    lower_bound = 0.0 if num_choices is None else 1.0 / num_choices
+  if raw < lower_bound:
+    return 0.0
+  return (raw - lower_bound) / (1.0 - lower_bound) * 100.0
+
+
+def leaderboard_task_score(subtasks: Sequence[Mapping]) -> float:
+  """A task with subtasks (BBH, MUSR): the mean of each subtask's normalised score.
+  Each subtask: {"raw": float, "num_choices": int} or {"raw": float, "lower_bound": float}."""
+  scores = [normalized_score(s["raw"], num_choices=s.get("num_choices"), lower_bound=s.get("lower_bound"))
+            for s in subtasks]
+  return sum(scores) / len(scores)
+
+
+def leaderboard_average(task_scores: Mapping[str, float]) -> float:
+  """The leaderboard's headline number: the plain mean of the normalised task scores."""
+  return sum(task_scores.values()) / len(task_scores)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  context: Sequence[int]
+  continuation: Sequence[int]
+
+
+def continuation_logprobs(model, requests: Sequence[Choice], *, pad_id: int = 0,
+                          batch_size: int = 8) -> np.ndarray:
+  """Sum of log p(continuation | context) for each request, batched with right padding.
+
+  Right padding needs no masking: causal attention means a token never sees the padding after it.
+  """
+  forward = jax.jit(lambda m, t: jax.nn.log_softmax(m(t).logits, axis=-1))
+  out = np.zeros(len(requests), np.float64)
+  for start in range(0, len(requests), batch_size):
+    chunk = requests[start:start + batch_size]
+    seqs = [list(r.context) + list(r.continuation) for r in chunk]
+    # Round the padded length up to a multiple of 16 so batches reuse a few compiled shapes.
+    length = int(math.ceil(max(map(len, seqs)) / 16) * 16)
+    tokens = np.full((batch_size, length), pad_id, np.int32)
+    for i, s in enumerate(seqs):
+      tokens[i, :len(s)] = s
+    logp = np.asarray(forward(model, jnp.asarray(tokens)))  # [B, T, V]
+    for i, r in enumerate(chunk):
+      n_ctx, n_cont = len(r.context), len(r.continuation)
+      targets = np.asarray(r.continuation)
+      # token at position p is predicted by the logits at p - 1
+      out[start + i] = logp[i, np.arange(n_ctx - 1, n_ctx + n_cont - 1), targets].sum()
+  return out
+
+
+def score_multiple_choice(model, items: Sequence[Mapping], encode: Callable[[str], list],
+                          *, batch_size: int = 8) -> dict:
+  """items: {"context": str, "choices": [str], "gold": int}. Returns acc and acc_norm (log-likelihood
+  divided by the choice's length in characters, as lm-evaluation-harness does), plus per-item predictions."""
+  requests, owners = [], []
+  for idx, item in enumerate(items):
+    ctx = encode(item["context"], bos=True)
+    for choice in item["choices"]:
+      requests.append(Choice(ctx, encode(choice, bos=False)))
+      owners.append(idx)
+  ll = continuation_logprobs(model, requests, batch_size=batch_size)
+  correct = correct_norm = 0
+  predictions = []
+  pos = 0
+  for item in items:
+    n = len(item["choices"])
+    scores = ll[pos:pos + n]
+    lengths = np.array([max(len(c), 1) for c in item["choices"]], np.float64)
+    pred, pred_norm = int(np.argmax(scores)), int(np.argmax(scores / lengths))
+    correct += pred == item["gold"]
+    correct_norm += pred_norm == item["gold"]
+    predictions.append(pred)
+    pos += n
+  return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "n": len(items),
+          "predictions": predictions}
+
+
+def perplexity(model, batches: Iterable[tuple]) -> dict:
+  """batches of (tokens [B, T], loss_mask [B, T]) -> token-weighted mean NLL and its exp."""
+  @jax.jit
+  def nll(m, tokens, mask):
+    logp = jax.nn.log_softmax(m(tokens[:, :-1]).logits, axis=-1)  # [B, T-1, V]
+    target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    w = mask[:, 1:].astype(jnp.float32)
+    return -jnp.sum(target * w), jnp.sum(w)
+
+  total = count = 0.0
+  for tokens, mask in batches:
+    s, c = nll(model, jnp.asarray(tokens), jnp.asarray(mask))
+    total, count = total + float(s), count + float(c)
+  mean = total / max(count, 1.0)
+  return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(count)}
