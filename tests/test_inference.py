@@ -47,15 +47,14 @@ def test_unstacked_model_equals_stacked():
   out = jax.jit(lambda m, t: m(t))(fast, tokens)
   assert rel_err(out.logits, ref.logits) <= TOL
   np.testing.assert_array_equal(out.router.experts, ref.router.experts)
+  # Generation's sparse dispatch on per-expert buffers == the stacked model's own dense dispatch.
   prompts = [[1, 4, 9, 16], [1, 7]]
-  np.testing.assert_array_equal(sampling.generate(fast, prompts, 5), sampling.generate(model, prompts, 5))
-  # The generation default (sparse dispatch) equals the model's own dense dispatch.
   dense = sampling.decode(model, sampling.prefill(model, prompts, 5, dispatch="config"), dispatch="config")
-  np.testing.assert_array_equal(dense.tokens, sampling.generate(model, prompts, 5))
+  np.testing.assert_array_equal(sampling.generate(fast, prompts, 5), dense.tokens)
 
 
 def test_quantized_unstacked_decode_matches_quantized_stacked():
-  cfg = tiny_config(num_layers=2, dim=48, head_dim=16, ffn_dim=64)
+  cfg = tiny_config(num_layers=1, dim=48, head_dim=16, ffn_dim=64)
   q = quant.quantize_model(build(cfg, seed=4), "q8")
   fast = unstack(q)
   assert isinstance(fast.layers[1].moe.w2[...].parts[0], quant.QTensor)
