@@ -37,6 +37,52 @@ def mixtral_8x7b_model():
   return model
 
 
+def train_config():
+  """mode=train (mixtral_jax/train.py). Sized for the default run: tiny model, 2 CPU cores, < 3 minutes."""
+  return ml_collections.ConfigDict(dict(
+      steps=300, batch_size=8, seq_len=128,
+      grad_accum=1,                  # microbatches per step (batch_size rows each), summed before the update
+      learning_rate=3e-3, warmup_steps=30,
+      schedule="cosine",             # cosine | linear | constant after warmup
+      end_lr_fraction=0.1,           # the schedule ends at learning_rate * end_lr_fraction
+      b1=0.9, b2=0.95, eps=1e-8,     # AdamW; b2=0.95 is the usual LM choice (faster to adapt than 0.999)
+      weight_decay=0.1,              # matrices only: never norm scales or biases
+      clip_norm=1.0,                 # global-norm clipping; 0 disables
+      # Auxiliary losses (mixtral_jax.losses.LOSSES) and their weights, applied only in the train step.
+      # Weight 0 still logs the loss. HF's Mixtral uses router_aux_loss_coef=0.02 for load_balancing.
+      aux_losses=ml_collections.ConfigDict({"load_balancing": 0.02, "z_loss": 0.001}),
+      freeze_router=False,           # keep every router kernel fixed
+      freeze_experts="",             # e.g. "0,3": these experts' weights stay fixed (other experts train)
+      lora=dict(rank=0,              # 0 = train every parameter; > 0 = LoRA adapters only
+                alpha=16.0,          # update scale alpha / rank
+                targets="attn"),     # attn | experts | all | comma-separated wq,wk,wv,wo,w1,w2,w3
+      log_every=10, eval_every=100, eval_batches=4,
+      checkpoint_every=100, keep_checkpoints=2, async_checkpoints=True,
+      sample_prompt="def ", sample_tokens=48,   # a greedy sample after training (0 disables)
+      export=False,                  # save the final (LoRA: merged) weights as a checkpoint WORKDIR/export
+      export_hf=False,               # ... and convert them to an HF directory WORKDIR/hf
+  ))
+
+
+def data_config():
+  return ml_collections.ConfigDict(dict(
+      paths="stdlib",     # "stdlib" (the Python standard library's own .py files: no download) or
+                          # comma-separated text/JSONL files, directories or globs
+      tokenizer="mixtral",  # mixtral (SentencePiece v1 shipped in mistral_common) | bytes | path/to.model
+      chunk_chars=4000,   # long text files are split at blank lines into documents of about this size
+      eval_fraction=0.05,  # held-out share of files (or of documents when there is one file)
+  ))
+
+
+def logging_config():
+  return ml_collections.ConfigDict(dict(
+      wandb="offline",    # offline (files under WORKDIR/wandb) | online | disabled
+      project="mixtral_jax", name="",
+      progress=True,      # tqdm progress bar
+      plot=True,          # WORKDIR/training.png: loss and expert load per layer
+  ))
+
+
 def mesh():
   """How devices are arranged and what is split over them (see mixtral_jax/sharding.py).
 
@@ -69,4 +115,8 @@ def get_config(arg=None):
   # summary mode: a forward pass on a random batch of this shape
   config.batch_size = 2
   config.seq_len = 64 if variant.runlocal else 128
+  config.train = train_config()
+  config.data = data_config()
+  config.logging = logging_config()
+  config.checkpoint = ""    # fine-tuning: weights to start from (configs/finetune.py)
   return config

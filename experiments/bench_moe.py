@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mixtral_jax.dispatch import DISPATCHERS, expert_capacity  # noqa: E402
+from mixtral_jax.dispatch import DISPATCHERS, FAST_CAPACITY, expert_capacity  # noqa: E402
 from mixtral_jax.grouped import default_block_size  # noqa: E402
 from mixtral_jax.routers import topk_renormalized  # noqa: E402
 
@@ -85,10 +85,10 @@ def hf_step(inputs, top_k, threads):
                                    num_experts_per_tok=top_k, experts_implementation="eager")
   block = MixtralSparseMoeBlock(cfg).float()
   with torch.no_grad():
-    block.gate.weight.copy_(torch.as_tensor(np.asarray(inputs["gate"]).T))
+    block.gate.weight.copy_(torch.as_tensor(np.array(inputs["gate"]).T))
     w13 = np.concatenate([np.asarray(inputs["w1"]), np.asarray(inputs["w3"])], axis=-1)  # [E, D, 2F]
     block.experts.gate_up_proj.copy_(torch.as_tensor(w13.transpose(0, 2, 1)))  # [E, 2F, D]
-    block.experts.down_proj.copy_(torch.as_tensor(np.asarray(inputs["w2"]).transpose(0, 2, 1)))  # [E, D, F]
+    block.experts.down_proj.copy_(torch.as_tensor(np.array(inputs["w2"]).transpose(0, 2, 1)))  # [E, D, F]
   x = torch.as_tensor(np.asarray(inputs["x"]))[None].requires_grad_(True)
   cot = torch.as_tensor(np.asarray(inputs["cotangent"]))[None]
 
@@ -128,20 +128,27 @@ def main():
   active = 3 * (2 * n * d * e + 3 * 2 * n * k * d * f)  # forward + backward = 3x forward
   peak = matmul_peak(args.repeats)
   block = default_block_size(n * k, e)
-  arms = [("dense", {}), ("capacity", {}), ("dropless", {})]
-  arms += [("dropless", dict(block_size=b)) for b in (64, 256) if b != block]
+  # dropless on CPU runs per-expert buffers when every load fits FAST_CAPACITY x the mean (random
+  # routers do), else padded blocks; the blocks-only arm measures that fallback for overflowing loads.
+  arms = [("dense", dict(repeats=min(2, args.repeats))), ("capacity", {}), ("dropless", {}),
+          ("dropless", dict(fast_capacity=None)), ("dropless", dict(fast_capacity=None, block_size=block // 2))]
   if jax.default_backend() != "cpu":
     arms.append(("dropless", dict(grouped_matmul="ragged_dot")))
+  logits = inputs["x"] @ inputs["gate"]
+  load = np.bincount(np.asarray(topk_renormalized(logits, k).experts).ravel(), minlength=e)
+  print(f"expert loads (slots): {load.tolist()}; max / mean = {load.max() / load.mean():.3f}")
   rows = []
-  reference = None
   for name, options in arms:
+    options = dict(options)
+    repeats = options.pop("repeats", args.repeats)
     step = jax_step(name, k, args.capacity_factor, **options)
-    best, median = timed(step, inputs, repeats=args.repeats)
-    (_, dropped), grads = step(inputs)
+    best, median = timed(step, inputs, repeats=repeats)
+    (_, dropped), _ = step(inputs)
     label = name + "".join(f" {key}={value}" for key, value in options.items())
     if name == "dropless" and not options:
-      label += f" (auto: block_size={block})"
-      reference = grads
+      label += f" (auto: buffers of {FAST_CAPACITY} x mean load, else blocks of {block})"
+    elif name == "dropless" and "block_size" not in options:
+      label += f" (padded blocks of {block})"
     gflops = active / best / 1e9
     rows.append(dict(dispatch=label, best_s=best, median_s=median, active_gflops=gflops,
                      fraction_of_peak=gflops / peak, dropped_fraction=float(dropped)))
@@ -160,6 +167,7 @@ def main():
   load_after = os.getloadavg()
   result = dict(
       config=dict(tokens=n, dim=d, ffn=f, experts=e, top_k=k, capacity_factor=args.capacity_factor,
+                  expert_loads=load.tolist(),
                   capacity=expert_capacity(n, e, k, args.capacity_factor), dtype="float32",
                   repeats=args.repeats, active_gflop_per_step=active / 1e9),
       machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
@@ -183,7 +191,8 @@ def markdown(result) -> str:
       f"One MoE layer, D={c['dim']}, F={c['ffn']}, E={c['experts']}, top-{c['top_k']}, {c['tokens']} tokens, "
       f"float32; value_and_grad w.r.t. input, router and expert weights. Active = router + k experts per "
       f"token, forward + backward = {c['active_gflop_per_step']:.1f} GFLOP per step. Capacity factor "
-      f"{c['capacity_factor']} (C = {c['capacity']} rows per expert). Best of {c['repeats']} after warm-up.",
+      f"{c['capacity_factor']} (C = {c['capacity']} rows per expert). Best of {c['repeats']} after warm-up "
+      f"(dense: 2). Router: random N(0, 0.02) gate, expert loads {c['expert_loads']} slots.",
       "",
       f"Machine: {m['cpus']} CPUs, {m['platform']}, jax {m['jax']} ({m['backend']}); load average "
       f"{m['load_before'][0]:.2f} before, {m['load_after'][0]:.2f} after (a shared machine). "

@@ -63,13 +63,25 @@ class _StreamedHandler(ocp.type_handlers.NumpyHandler):
 
   async def _write(self, values, infos, args):
     pending = collections.deque()  # writes TensorStore is compressing / storing while we read the next
+    try:
+      await self._write_leaves(values, infos, args, pending)
+    except BaseException:
+      # Let writes already handed to TensorStore land before the error reaches atomic_dir, which then
+      # removes the temporary directory (otherwise they could recreate files in it afterwards).
+      for write in pending:
+        with contextlib.suppress(Exception):
+          await write
+      raise
+
+  async def _write_leaves(self, values, infos, args, pending):
     for value, info, arg in zip(values, infos, args):  # one leaf at a time: bounded memory
       await info.await_path_creation()
       spec = ocp.type_handlers.get_json_tspec_write(
           info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=value.shape,
           dtype=value.dtype, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None, arg=arg)
       meta = spec["base"]["metadata"] if spec.get("driver") == "cast" else spec["metadata"]
-      meta["chunks"] = list(value.chunks)  # zarr v2 (Orbax's default); zarr3 keeps Orbax's choice
+      assert "chunks" in meta, "expected zarr v2 metadata (PyTreeCheckpointHandler's default)"
+      meta["chunks"] = list(value.chunks)
       store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
       for index, block in value.blocks():
         block = np.ascontiguousarray(block, dtype=value.dtype)
@@ -108,7 +120,11 @@ def atomic_dir(dst, overwrite: bool = False) -> Iterator[Path]:
     if dst.exists():  # overwrite: keep the old one until the new one is in place
       old = dst.parent / f".{dst.name}.old-{os.getpid()}"
       os.rename(dst, old)
-      os.rename(tmp, dst)
+      try:
+        os.rename(tmp, dst)
+      except OSError:
+        os.rename(old, dst)
+        raise
       _remove(old)
     else:
       os.rename(tmp, dst)
@@ -125,9 +141,9 @@ def _remove(path: Path):
     path.unlink()
 
 
-def _quiet_orbax():
-  # Orbax logs informational warnings through absl; a CLI error must stay one line.
-  logging.getLogger("absl").setLevel(logging.ERROR)
+def _quiet_orbax(level=logging.ERROR):
+  # Orbax logs informational warnings through absl (the CLI also hides the errors it re-raises to us).
+  logging.getLogger("absl").setLevel(max(level, logging.getLogger("absl").level))
 
 
 def write_tree(path, tree: Any, config: ModelConfig, *, overwrite: bool = False,

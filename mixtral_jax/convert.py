@@ -16,6 +16,7 @@ import argparse
 import collections
 import itertools
 import json
+import logging
 import re
 import sys
 import time
@@ -76,7 +77,8 @@ def hf_plan(cfg: ModelConfig, arrays, dtype) -> List[Tuple[str, Tuple[int, ...],
   """(HF legacy name, shape, start, finish) for every MixtralForCausalLM tensor: start() issues the
   TensorStore read of one layer (attention, norms, router) or one expert of our stored arrays, finish()
   turns the array it returns into HF's layout and `dtype`."""
-  d, h, k, dh, f, e, v = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.num_experts, cfg.vocab_size
+  d, h, k, dh = cfg.dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  f, e, v = cfg.ffn_dim, cfg.num_experts, cfg.vocab_size
   read = lambda name, *index: lambda: arrays[name][index].read()  # noqa: E731
   t = lambda a: formats.transposed(a, dtype)  # noqa: E731
   keep = lambda a: np.asarray(a, dtype)  # noqa: E731
@@ -173,13 +175,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("dst", help="output directory (with --to-hf: the HF directory); must not exist")
   p.add_argument("--to-hf", action="store_true", help="convert an Orbax checkpoint to an HF directory")
   p.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="output dtype (default: as stored)")
-  p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once the new one is complete)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace DST if it exists (only once the new one is complete)")
   p.add_argument("--format", default="auto", choices=("auto", "hf", "mistral"), help="SRC format (default: detect)")
   p.add_argument("--max-shard-size", default="5GB", help="--to-hf: largest safetensors shard (default 5GB)")
   return p
 
 
 def main(argv=None) -> int:
+  # Orbax logs a failing background write before re-raising it here: the error must stay one line.
+  checkpoint._quiet_orbax(logging.CRITICAL)
   try:
     args = _parser().parse_args(argv)
     tty = sys.stdout.isatty()

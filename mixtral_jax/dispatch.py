@@ -99,37 +99,50 @@ def dense(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grou
   return y, _drop_stats(used, used)
 
 
+def _buffered(x, weights, experts, rank, kept, cap, w1, w3, w2, dtype):
+  """Kept slots into per-expert buffers of `cap` rows ([E, C, D]), one batched matmul per weight with
+  the expert weights as they are (no per-block copies), back to tokens."""
+  d = x.shape[-1]
+  num_experts = w1.shape[0]
+  slot_row = jnp.where(kept, experts * cap + rank, num_experts * cap)  # [N, k]
+
+  def experts_fn(rows):  # [E * C, D]
+    return swiglu(rows.reshape(num_experts, cap, d), w1, w3, w2).reshape(num_experts * cap, d)
+  return run_rows(x, weights, slot_row, num_experts * cap, experts_fn, dtype)
+
+
 @DISPATCHERS.register("capacity")
 def capacity(x, route, w1, w3, w2, *, dtype, capacity_factor, top_k, grouped_matmul=None):
   """GShard (Lepikhin et al. 2020) / Switch (Fedus et al. 2021) capacity dispatch. Semantically the
   one-hot dispatch/combine tensors [N, E, C] of those papers; built as row gathers instead of einsums
   with [N, E, C] one-hots (which cost O(N^2) FLOPs per group). Experts run as one batched matmul over
   [E, C, D] with the weights as they are."""
-  n, d = x.shape
   num_experts = w1.shape[0]
-  cap = expert_capacity(n, num_experts, top_k, capacity_factor)
+  cap = expert_capacity(x.shape[0], num_experts, top_k, capacity_factor)
   used = route.weights != 0
   rank, _ = slot_ranks(route.experts, used, num_experts, route.priority)
   kept = used & (rank < cap)
-  slot_row = jnp.where(kept, route.experts * cap + rank, num_experts * cap)  # [N, k]
-
-  def experts_fn(rows):  # [E * C, D]
-    out = swiglu(rows.reshape(num_experts, cap, d), w1.astype(dtype), w3.astype(dtype), w2.astype(dtype))
-    return out.reshape(num_experts * cap, d)
-
-  y = run_rows(x, route.weights, slot_row, num_experts * cap, experts_fn, dtype)
+  y = _buffered(x, route.weights, route.experts, rank, kept, cap, w1.astype(dtype), w3.astype(dtype),
+                w2.astype(dtype), dtype)
   return y, _drop_stats(used, kept)
+
+
+# Buffer rows per expert, relative to a perfectly balanced load, that dropless dispatch tries first on
+# CPU. Random and load-balanced routers stay below it; when any expert overflows, the padded blocks run.
+FAST_CAPACITY = 1.125
 
 
 @DISPATCHERS.register("dropless")
 def dropless(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul="auto",
-             block_size=None):
+             block_size=None, fast_capacity=FAST_CAPACITY):
   """Dropless MoE (MegaBlocks, Gale et al. 2022, arXiv:2211.15841): every used slot is computed. Rows are
   grouped by expert (ranks from a running count, no sort needed), then
-    blocks:     each expert's group padded to whole blocks of `block_size` rows (default:
-                grouped.default_block_size); one batched matmul over blocks with per-block weights;
+    blocks:     if every expert's load fits ceil(fast_capacity * S / E) rows (S slots), per-expert buffers
+                through one batched matmul with the weights as they are; otherwise (lax.cond, decided
+                at run time) each expert's group padded to whole blocks of `block_size` rows (default:
+                grouped.default_block_size), one batched matmul over blocks with per-block weights.
+                Both branches are exact; the buffers only skip the per-block weight copies and padding.
     ragged_dot: contiguous groups through jax.lax.ragged_dot (accelerators)."""
-  n, d = x.shape
   num_experts = w1.shape[0]
   num_slots = route.experts.size
   used = route.weights != 0
@@ -137,13 +150,25 @@ def dropless(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, g
   w1, w3, w2 = w1.astype(dtype), w3.astype(dtype), w2.astype(dtype)
   if resolve_grouped_matmul(grouped_matmul or "auto") == "ragged_dot":
     starts = jnp.cumsum(counts) - counts  # [E]
-    num_rows = num_slots
+    slot_row = jnp.where(used, starts[route.experts] + rank, num_slots)  # [N, k]
     experts_fn = lambda rows: swiglu_ragged(rows, counts, w1, w3, w2)  # noqa: E731
-  else:
-    block = block_size or default_block_size(num_slots, num_experts)
-    starts, block_expert, num_blocks = block_layout(counts, num_slots, block)
-    num_rows = num_blocks * block
+    return run_rows(x, route.weights, slot_row, num_slots, experts_fn, dtype), _drop_stats(used, used)
+
+  block = block_size or default_block_size(num_slots, num_experts)
+  starts, block_expert, num_blocks = block_layout(counts, num_slots, block)
+  cap = math.ceil(fast_capacity * num_slots / num_experts) if fast_capacity else 0
+
+  def via_blocks(checkpoint=False):
+    slot_row = jnp.where(used, starts[route.experts] + rank, num_blocks * block)  # [N, k]
     experts_fn = lambda rows: swiglu_blocks(rows, block_expert, w1, w3, w2)  # noqa: E731
-  slot_row = jnp.where(used, starts[route.experts] + rank, num_rows)  # [N, k]
-  y = run_rows(x, route.weights, slot_row, num_rows, experts_fn, dtype)
+    if checkpoint:  # inside lax.cond: keep the per-block weight copies out of the saved residuals
+      experts_fn = jax.checkpoint(experts_fn, policy=jax.checkpoint_policies.checkpoint_dots)
+    return run_rows(x, route.weights, slot_row, num_blocks * block, experts_fn, dtype)
+
+  if 0 < num_experts * cap < num_blocks * block:  # buffers would be the smaller layout
+    y = jax.lax.cond(jnp.max(counts) <= cap,
+                     lambda: _buffered(x, route.weights, route.experts, rank, used, cap, w1, w3, w2, dtype),
+                     lambda: via_blocks(checkpoint=True))
+  else:
+    y = via_blocks()
   return y, _drop_stats(used, used)

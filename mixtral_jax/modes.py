@@ -16,7 +16,7 @@ from mixtral_jax.registry import Registry
 MODES = Registry("mode")
 
 # Modules that register modes; imported lazily so `import mixtral_jax` stays light.
-_MODE_MODULES = ("mixtral_jax.train_plan",)
+_MODE_MODULES = ("mixtral_jax.train", "mixtral_jax.inference", "mixtral_jax.train_plan")
 
 
 def load_modes() -> Registry:

@@ -138,7 +138,8 @@ def test_load_errors_name_the_problem(saved, tmp_path):
   (tmp_path / "plain").mkdir()
   with pytest.raises(CheckpointError, match="not a mixtral_jax checkpoint"):
     checkpoint.load_model(tmp_path / "plain")
-  with pytest.raises(CheckpointError, match=r"parameter layers\.moe\.\S+ is stored with shape \(2, \S+ 36\), the config implies \(2, \S+ 38\)"):
+  shape_error = r"parameter layers\.moe\.\S+ is stored with shape \(2, \S+ 36\), the config implies \(2, \S+ 38\)"
+  with pytest.raises(CheckpointError, match=shape_error):
     checkpoint.load_model(path, ffn_dim=38)
   with pytest.raises(CheckpointError, match="layers.moe.shared.w1 is not part of the model"):
     checkpoint.load_model(path, num_shared_experts=0)

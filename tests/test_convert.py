@@ -6,7 +6,6 @@ model (the Mistral layouts, with the inverse rotary permutation), so no file lay
 """
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -228,7 +227,8 @@ def _evil_pth(src: Path):
 BAD = {  # name -> (layout, how to break it (may return extra flags), words the message must contain)
     "missing_src": (None, None, ["does not exist"]),
     "absent_shard": ("sharded", lambda d: _shard(d, 1).unlink(), ["does not exist"]),
-    "truncated_shard": ("legacy", lambda d: os.truncate(d / "model.safetensors", os.path.getsize(d / "model.safetensors") // 2),
+    "truncated_shard": ("legacy", lambda d: os.truncate(d / "model.safetensors",
+                                                        os.path.getsize(d / "model.safetensors") // 2),
                         ["model.safetensors", "truncated"]),
     "corrupt_header": ("sharded", lambda d: _corrupt_header(_shard(d, 2)), ["corrupt"]),
     "huge_header_length": ("legacy", lambda d: d.joinpath("model.safetensors").write_bytes(
@@ -255,7 +255,8 @@ BAD = {  # name -> (layout, how to break it (may return extra flags), words the 
     "bad_config_json": ("legacy", lambda d: (d / "config.json").write_text("{not json"), ["config.json", "JSON"]),
     "config_missing_field": ("legacy", lambda d: _edit_json(d / "config.json", hidden_size=_DROP),
                              ["config.json", "missing field 'hidden_size'"]),
-    "not_moe_params": ("mistral_safetensors", lambda d: _edit_json(d / "params.json", moe=None), ["params.json", "moe"]),
+    "not_moe_params": ("mistral_safetensors", lambda d: _edit_json(d / "params.json", moe=None),
+                       ["params.json", "moe"]),
     "no_weights": ("legacy", lambda d: (d / "model.safetensors").unlink(), ["no *.safetensors"]),
     "wrong_format_flag": ("legacy", lambda d: ["--format", "mistral"], ["params.json", "does not exist"]),
 }
@@ -281,10 +282,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(name, hf_models, tmp_path,
   src, flags = tmp_path / "nothing_here", []
   if layout is not None:
     src = write_layout(hf_models["base"], layout, tmp_path)
-    flags = breaker(src)  # None, or extra command-line flags
+    flags = breaker(src)  # extra command-line flags if it returns a list
   dst = tmp_path / "out" / "ckpt"
   dst.parent.mkdir()
-  rc, out, err = run([src, dst, *(flags or [])], capsys)
+  rc, out, err = run([src, dst, *(flags if isinstance(flags, list) else [])], capsys)
   assert rc == 2
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
@@ -355,7 +356,11 @@ def test_cli_subprocess_exit_status_and_stderr(hf_models, tmp_path):
   assert "num_local_experts=6" in bad.stderr and "Traceback" not in bad.stderr
   assert not (tmp_path / "ckpt").exists()
   _edit_json(src / "config.json", num_local_experts=7)
-  good = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+  # Success, and torch is never imported for a safetensors source (only a .pth needs it).
+  script = ("import sys; from mixtral_jax import convert; rc = convert.main(sys.argv[1:]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+  good = subprocess.run([sys.executable, "-c", script, *cmd[3:]], capture_output=True, text=True, env=env,
+                        cwd=root, timeout=300)
   assert good.returncode == 0, good.stderr
   assert "wrote" in good.stdout and checkpoint.load_config(tmp_path / "ckpt").num_experts == 7
 
@@ -379,3 +384,28 @@ def test_rope_theta_in_rope_parameters_or_top_level(hf_models, tmp_path, capsys)
   assert run([src, tmp_path / "b"], capsys)[0] == 0
   assert checkpoint.load_config(tmp_path / "b").rope_theta == 1e6
   assert checkpoint.load_config(tmp_path / "b").sliding_window == 5
+
+
+def test_to_hf_from_save_model_checkpoint(tmp_path, capsys):
+  """The serving path for a trained model: save_model (Orbax-chosen chunks) -> --to-hf -> transformers."""
+  from flax import nnx
+  from mixtral_jax.model import Mixtral, from_params
+  cfg = tiny_config(**CONFIGS["top3"])
+  rng = np.random.default_rng(7)
+  shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))))
+  model = from_params(cfg, jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, np.float32), shapes))
+  checkpoint.save_model(tmp_path / "trained", model)
+  rc, _, err = run(["--to-hf", tmp_path / "trained", tmp_path / "hf"], capsys)
+  assert rc == 0, err
+  reloaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager",
+                                                            experts_implementation="eager")
+  expected = np.asarray(_forward(model, jnp.asarray(TOKENS, jnp.int32)))
+  assert rel_err(hf_logits(reloaded, TOKENS), expected) <= TOL
+  # A model HF cannot represent is refused, in one line, with nothing written.
+  shared = from_params(cfg.replace(num_shared_experts=1), jax.tree.map(
+      lambda s: np.zeros(s.shape, np.float32), nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+          lambda: Mixtral(cfg.replace(num_shared_experts=1), rngs=nnx.Rngs(0)))))))
+  checkpoint.save_model(tmp_path / "shared", shared)
+  rc, _, err = run(["--to-hf", tmp_path / "shared", tmp_path / "hf2"], capsys)
+  assert rc == 2 and "layers.moe.shared" in err and len(err.strip().splitlines()) == 1, err
+  assert not (tmp_path / "hf2").exists()

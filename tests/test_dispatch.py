@@ -29,7 +29,8 @@ def dispatch(name, x, route, w1, w3, w2, top_k=2, capacity_factor=None, **option
                                **options)
 
 
-STRATEGIES = [("capacity", {}), ("dropless", {}), ("dropless", dict(grouped_matmul="ragged_dot"))]
+STRATEGIES = [("capacity", {}), ("dropless", {}), ("dropless", dict(block_size=8)),
+              ("dropless", dict(grouped_matmul="ragged_dot"))]
 
 
 @pytest.mark.parametrize("router", ["mixtral_topk", "expert_choice"])
@@ -166,8 +167,31 @@ def test_take_rows_backward_is_the_inverse_gather():
 
 
 def test_default_block_size():
-  assert default_block_size(8192, 8) == 128  # the benchmark size
-  assert default_block_size(4, 8) == 8 and default_block_size(10 ** 7, 8) == 256
+  assert default_block_size(8192, 8) == 256  # the benchmark size
+  assert default_block_size(4, 8) == 1 and default_block_size(10 ** 7, 8) == 256
+
+
+@pytest.mark.parametrize("skew", [0.0, 4.0])
+def test_dropless_buffers_and_blocks_branches_are_exact(skew):
+  """With 8-row blocks the CPU path chooses at run time between per-expert buffers (balanced load) and
+  padded blocks (an expert overflows the buffer); both equal dense, values and gradients."""
+  x, w1, w3, w2 = weights(6)
+  logits = 0.1 * jax.random.normal(jax.random.key(7), (N, E)) + jnp.zeros(E).at[0].set(skew)
+  if skew == 0:  # round robin: token n prefers experts n and n + 1 (mod E)
+    logits = logits + jnp.asarray(2 * np.eye(E)[np.arange(N) % E] + np.eye(E)[(np.arange(N) + 1) % E])
+  counts = np.bincount(np.asarray(topk_gates(logits, 2, renormalize=True).experts).ravel(), minlength=E)
+  cap = int(np.ceil(1.125 * N * 2 / E))
+  assert (counts.max() <= cap) == (skew == 0)  # which branch runs
+
+  def f(name, options):
+    def loss(x, logits, w1, w3, w2):
+      return jnp.sum(jnp.sin(dispatch(name, x, topk_gates(logits, 2, renormalize=True), w1, w3, w2, **options)[0]))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(x, logits, w1, w3, w2)
+
+  (ref, ref_grads), (got, grads) = f("dense", {}), f("dropless", dict(block_size=8))
+  assert rel_err(got, ref) <= TOL
+  for g, r in zip(grads, ref_grads):
+    assert rel_err(g, r) <= TOL
 
 
 def test_unknown_grouped_matmul_names_the_field():

@@ -1,0 +1,28 @@
+"""Fine-tune converted weights, fully or with LoRA:
+
+    python run.py --config=configs/finetune.py --config.checkpoint=DIR --config.data.paths=data.jsonl
+    python run.py --config=configs/finetune.py:lora=True,targets=attn,rank=16 --config.checkpoint=DIR
+
+DIR is a converted checkpoint (`python -m mixtral_jax.convert SRC DIR`) or a workdir of this trainer. The model's shape comes from DIR; `config.model` supplies only
+how it computes (dtype, remat, dispatch, capacity_factor, grouped_matmul, router_jitter, router_logits_cap,
+scan_layers). At the end the weights (LoRA: merged into the base) are saved as a checkpoint WORKDIR/export;
+LoRA runs also convert them to an HF directory WORKDIR/hf (what `convert --to-hf` writes).
+"""
+import ml_collections
+
+from configs import base
+
+
+def get_config(arg=None):
+  variant = base.parse_arg(arg, lora=False, rank=8, alpha=16.0, targets="attn", freeze_router=False)
+  config = base.get_config()
+  config.mode = "train"
+  config.checkpoint = ml_collections.config_dict.placeholder(str)  # required: --config.checkpoint=DIR
+  config.train.update(dict(
+      steps=200, warmup_steps=20, schedule="cosine", end_lr_fraction=0.0,
+      learning_rate=1e-3 if variant.lora else 1e-5,   # adapters start at zero and need a larger step
+      weight_decay=0.0, freeze_router=variant.freeze_router, export=True, export_hf=variant.lora,
+      eval_every=50, checkpoint_every=50))
+  config.train.lora.update(dict(rank=variant.rank if variant.lora else 0, alpha=variant.alpha,
+                                targets=variant.targets))
+  return config

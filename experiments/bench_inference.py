@@ -1,0 +1,188 @@
+"""CPU inference benchmark, side by side with HF transformers on the same weights, in one run.
+
+    python experiments/bench_inference.py            # the issue's config; writes experiments/results/
+    python experiments/bench_inference.py --quick    # small dims, a smoke run
+
+Model: an HF-written random MixtralForCausalLM (D=512, F=1792, 8 layers, 8 experts top-2, 8 heads /
+2 KV heads, vocab 32000, float32), saved with save_pretrained and loaded back into mixtral_jax from
+that directory with `python -m mixtral_jax.convert` and put in the inference layout. Measured:
+prefill B4 x T512 (the forward that yields the first new token: HF with logits_to_keep=1), greedy
+decode B1 x 128 and B8 x 64 new tokens after a 32-token prompt (HF: generate(N) - generate(1), ours:
+the jitted decode loop alone). Against the machine in the same run: matmul GFLOP/s (MFU) and the
+memory read bandwidth of a large matrix-vector product (the batch-1 floor = weight bytes a token must
+read / that bandwidth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from experiments import roofline  # noqa: E402
+from mixtral_jax import sampling  # noqa: E402
+from mixtral_jax.params import config_to_hf  # noqa: E402
+
+FULL = dict(vocab_size=32000, dim=512, ffn_dim=1792, num_layers=8, num_experts=8, top_k=2, num_heads=8,
+            num_kv_heads=2, head_dim=64, max_positions=4096, rope_theta=1e6)
+QUICK = dict(FULL, vocab_size=4000, dim=128, ffn_dim=256, num_layers=2)
+
+
+def best_time(fn, repeats: int) -> float:
+  fn()  # warm up / compile
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def decode_bytes_per_token(cfg, context: int) -> float:
+  """Bytes one batch-1 decode step must read: attention weights, router, top-k experts, LM head, norms,
+  and the KV cache (float32)."""
+  d, l = cfg.dim, cfg.num_layers
+  attn = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  experts = cfg.top_k * 3 * d * cfg.ffn_dim
+  per_layer = attn + experts + d * cfg.num_experts + 2 * d
+  kv = 2 * context * cfg.num_kv_heads * cfg.head_dim
+  return 4 * (l * (per_layer + kv) + d * cfg.vocab_size + d)
+
+
+def prefill_flops(cfg, batch: int, t: int) -> float:
+  """Matmul FLOPs of a prefill: 2 x active weights per token (no embedding lookup) + causal attention."""
+  d, l = cfg.dim, cfg.num_layers
+  attn_w = d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  per_token = l * (attn_w + cfg.top_k * 3 * d * cfg.ffn_dim + d * cfg.num_experts)
+  attention = l * 2 * 2 * cfg.num_heads * cfg.head_dim * t * (t + 1) / 2  # QK^T and PV, causal half
+  return 2 * per_token * batch * t + attention * batch + 2 * batch * d * cfg.vocab_size
+
+
+def load_ours(path: str, layout: str):
+  """The HF directory converted with our CLI, loaded, in the inference layout unless layout='stacked'."""
+  from mixtral_jax import checkpoint
+  from mixtral_jax.unstacked import unstack
+  out = path + "_converted"
+  subprocess.run([sys.executable, "-m", "mixtral_jax.convert", path, out], check=True,
+                 cwd=os.path.dirname(HERE), stdout=subprocess.DEVNULL)
+  model = checkpoint.load_model(out, dtype="float32")
+  return (unstack(model) if layout == "unstacked" else model), "python -m mixtral_jax.convert"
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--layout", default="unstacked", choices=["unstacked", "stacked"])
+  ap.add_argument("--prefill_dispatch", default=sampling.PREFILL_DISPATCH)
+  ap.add_argument("--decode_dispatch", default=sampling.DECODE_DISPATCH)
+  ap.add_argument("--skip_hf", action="store_true")
+  ap.add_argument("--out", default=os.path.join(HERE, "results", "inference_cpu"))
+  args = ap.parse_args()
+  import torch
+  import transformers
+  from mixtral_jax.config import ModelConfig
+  dims = QUICK if args.quick else FULL
+  cfg = ModelConfig(**dims).replace()
+  prefill_shape, decode_runs, prompt = ((4, 512), [(1, 128), (8, 64)], 32)
+  if args.quick:
+    prefill_shape, decode_runs, prompt = (2, 64), [(1, 16), (4, 8)], 8
+
+  torch.manual_seed(0)
+  hf_cfg = transformers.MixtralConfig(**config_to_hf(cfg))
+  hf = transformers.MixtralForCausalLM(hf_cfg).eval()
+  tmp = tempfile.mkdtemp(prefix="bench_inference_")
+  hf.save_pretrained(tmp)
+  hf = transformers.MixtralForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+  ours, how = load_ours(tmp, args.layout)
+  dispatch = f"{args.layout} layout, prefill {args.prefill_dispatch}, decode {args.decode_dispatch}"
+  print(f"loaded ours via {how}; {dispatch}", flush=True)
+
+  load_before = os.getloadavg()
+  peak = roofline.measure(quick=args.quick)
+  print(f"roofline: {peak['matmul_gflops']:.1f} GFLOP/s matmul, {peak['read_gbps']:.1f} GB/s read", flush=True)
+  rows = []
+  rng = np.random.default_rng(0)
+
+  # Prefill.
+  b, t = prefill_shape
+  tokens = rng.integers(1, cfg.vocab_size, (b, t)).astype(np.int32)
+  ours_s = best_time(lambda: jax.block_until_ready(
+      sampling.prefill(ours, tokens, 1, dispatch=args.prefill_dispatch)), args.repeats)
+  hf_s = float("nan")
+  if not args.skip_hf:
+    tt = torch.as_tensor(tokens, dtype=torch.long)
+    with torch.no_grad():
+      hf_s = best_time(lambda: hf(tt, use_cache=True, logits_to_keep=1), args.repeats)
+  flops = prefill_flops(cfg, b, t)
+  rows.append(dict(what=f"prefill B{b}xT{t}", ours_tok_s=b * t / ours_s, hf_tok_s=b * t / hf_s,
+                   ours_mfu=flops / ours_s / 1e9 / peak["matmul_gflops"],
+                   hf_mfu=flops / hf_s / 1e9 / peak["matmul_gflops"]))
+
+  # Greedy decode.
+  for b, n in decode_runs:
+    prompts = rng.integers(1, cfg.vocab_size, (b, prompt)).astype(np.int32)
+
+    def ours_decode():
+      state = sampling.prefill(ours, prompts, n, dispatch=args.prefill_dispatch)
+      jax.block_until_ready(state)
+      t0 = time.perf_counter()
+      sampling.decode(ours, state, dispatch=args.decode_dispatch).tokens.block_until_ready()
+      return time.perf_counter() - t0
+
+    ours_decode()
+    ours_step = min(ours_decode() for _ in range(args.repeats)) / (n - 1)
+    hf_step = float("nan")
+    if not args.skip_hf:
+      tt = torch.as_tensor(prompts, dtype=torch.long)
+      gen = lambda k: hf.generate(tt, max_new_tokens=k, min_new_tokens=k, do_sample=False,  # noqa: E731
+                                  pad_token_id=0)
+      with torch.no_grad():
+        hf_step = (best_time(lambda: gen(n), args.repeats) - best_time(lambda: gen(1), args.repeats)) / (n - 1)
+    row = dict(what=f"decode B{b}x{n}", ours_tok_s=b / ours_step, hf_tok_s=b / hf_step,
+               ours_ms_per_step=ours_step * 1e3, hf_ms_per_step=hf_step * 1e3)
+    if b == 1:
+      floor = decode_bytes_per_token(cfg, prompt + n) / (peak["read_gbps"] * 1e9)
+      row.update(floor_ms=floor * 1e3, ours_of_floor=floor / ours_step, hf_of_floor=floor / hf_step)
+    rows.append(row)
+    print(row, flush=True)
+
+  for r in rows:
+    r["speedup_vs_hf"] = r["ours_tok_s"] / r["hf_tok_s"]
+  result = dict(config=dims, roofline=peak, load_avg_before=load_before, load_avg_after=os.getloadavg(),
+                ours_loaded_via=how, dispatch=dispatch, torch_threads=torch.get_num_threads(),
+                rows=rows)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  lines = [f"# CPU inference vs HF transformers ({'quick' if args.quick else 'issue config'})", "",
+           f"roofline in this run: {peak['matmul_gflops']:.1f} GFLOP/s float32 matmul, "
+           f"{peak['read_gbps']:.1f} GB/s read; load average {load_before[0]:.1f} before, "
+           f"{os.getloadavg()[0]:.1f} after; ours loaded via {how}; {dispatch}", "",
+           "| run | ours tok/s | HF tok/s | ours / HF | MFU ours / HF | ms per step ours / HF | % of BW floor ours / HF |",
+           "| --- | ---: | ---: | ---: | --- | --- | --- |"]
+  for r in rows:
+    mfu = f"{r['ours_mfu']:.0%} / {r['hf_mfu']:.0%}" if "ours_mfu" in r else ""
+    ms = f"{r['ours_ms_per_step']:.1f} / {r['hf_ms_per_step']:.1f}" if "ours_ms_per_step" in r else ""
+    fl = (f"{r['ours_of_floor']:.0%} / {r['hf_of_floor']:.0%} (floor {r['floor_ms']:.1f} ms)"
+          if "floor_ms" in r else "")
+    lines.append(f"| {r['what']} | {r['ours_tok_s']:.1f} | {r['hf_tok_s']:.1f} | {r['speedup_vs_hf']:.2f}x | "
+                 f"{mfu} | {ms} | {fl} |")
+  with open(args.out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main()

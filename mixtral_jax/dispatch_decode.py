@@ -1,0 +1,102 @@
+"""Inference dispatch strategies that read each routed expert's weights once, and never copy them.
+
+Registered into dispatch.DISPATCHERS (same signature as the strategies there), chosen by generation:
+  routed_cond  decode (few tokens): one `lax.cond` per expert, skipped unless some token chose it; the
+               expert runs on all N tokens (N is tiny) scaled by its combine weight. Batch-1 decode reads
+               k experts per layer instead of E (dense) and does no gather of weights.
+  sorted_loop  prefill (many tokens): routing slots sorted by expert; each expert runs a loop over
+               blocks of `block` of its slots (`[block, D] @ [D, F]` matmuls), so the FLOPs are the active
+               ones plus at most one partial block per expert.
+Both take the expert weights as a stacked [E, ...] array, or as an `ExpertList` of E separate buffers
+(what unstacked.py builds): XLA:CPU cannot feed a slice of a larger buffer to a matmul without copying
+it first, which for decode triples the bytes an expert costs (read, write the copy, read it again).
+Weights may be QTensors (quant.py): only the chosen experts are dequantized.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from mixtral_jax.dispatch import DISPATCHERS, _drop_stats, combine_matrix
+from mixtral_jax.quant import matmul, take_expert
+
+
+@struct.dataclass
+class ExpertList:
+  """E expert weights as separate buffers (arrays or QTensors), shaped like a stacked [E, ...] array."""
+  parts: tuple
+
+  @property
+  def shape(self) -> tuple:
+    return (len(self.parts),) + tuple(self.parts[0].shape)
+
+  @property
+  def nbytes(self) -> int:
+    return sum(p.nbytes for p in self.parts)
+
+  def __getitem__(self, index):
+    if index is Ellipsis:  # nnx.Param[...] returns the stored value
+      return self
+    return self.parts[index]
+
+  def astype(self, dtype):  # dense fallback: materialises the stack
+    return jnp.stack([p.astype(dtype) for p in self.parts])
+
+
+def expert(w, j: int):
+  """Expert j's weight: a separate buffer for an ExpertList, a slice (copied by XLA) otherwise."""
+  return w.parts[j] if isinstance(w, ExpertList) else take_expert(w, j)
+
+
+def swiglu(x, w1, w3, w2, dtype):  # [M, D] -> [M, D]
+  h = jax.nn.silu(matmul(x, w1, dtype)) * matmul(x, w3, dtype)  # [M, F]
+  return matmul(h, w2, dtype)
+
+
+@DISPATCHERS.register("routed_cond")
+def routed_cond(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul=None):
+  num_experts = w1.shape[0]
+  x = x.astype(dtype)
+  combine = combine_matrix(route, num_experts).astype(dtype)  # [N, E]
+  y = jnp.zeros(x.shape, dtype)
+  for j in range(num_experts):
+    def run(x, j=j):  # the weights are picked inside the branch: untaken experts are never touched
+      return swiglu(x, expert(w1, j), expert(w3, j), expert(w2, j), dtype) * combine[:, j, None]
+    y = y + jax.lax.cond(jnp.any(combine[:, j] > 0), run, jnp.zeros_like, x)  # [N, D]
+  used = route.weights != 0
+  return y, _drop_stats(used, used)  # nothing is dropped
+
+
+LOOP_BLOCK = 128  # rows per expert matmul in `sorted_loop` (read at trace time; a GPU wants more)
+
+
+@DISPATCHERS.register("sorted_loop")
+def sorted_loop(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul=None,
+            block=None):
+  block = block or LOOP_BLOCK
+  n, d = x.shape
+  k = route.experts.shape[1]
+  num_experts = w1.shape[0]
+  slots = n * k
+  bk = min(block, slots)
+  flat = route.experts.reshape(slots)  # [N*k] expert of each routing slot
+  order = jnp.argsort(flat, stable=True)  # [N*k] slots sorted by expert
+  counts = jnp.bincount(flat, length=num_experts)  # [E]
+  starts = jnp.cumsum(counts) - counts  # [E] first sorted row of each expert
+  xs = jnp.take(x.astype(dtype), order // k, axis=0)  # [N*k, D] tokens in expert order
+  xs = jnp.concatenate([xs, jnp.zeros((bk, d), dtype)])  # room for the last partial block
+  out = jnp.zeros((slots + bk, d), dtype)
+  for j in range(num_experts):
+    # Experts run in order; a partial last block spills garbage into the next expert's rows, which that
+    # expert then overwrites (the last one spills into the padding).
+    def body(i, out, j=j):
+      row = starts[j] + i * bk
+      xb = jax.lax.dynamic_slice_in_dim(xs, row, bk)  # [bk, D]
+      yb = swiglu(xb, expert(w1, j), expert(w3, j), expert(w2, j), dtype)
+      return jax.lax.dynamic_update_slice_in_dim(out, yb, row, axis=0)
+    out = jax.lax.fori_loop(0, (counts[j] + bk - 1) // bk, body, out)
+  per_slot = jnp.zeros((slots, d), dtype).at[order].set(out[:slots])  # [N*k, D] back in slot order
+  y = jnp.einsum("nkd,nk->nd", per_slot.reshape(n, k, d), route.weights.astype(dtype))
+  used = route.weights != 0
+  return y, _drop_stats(used, used)  # nothing is dropped

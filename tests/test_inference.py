@@ -1,0 +1,109 @@
+"""Inference layout and dispatch (unstacked.py, dispatch_decode.py), run modes, planner, gpu_bench dry run."""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err, tiny_config
+from mixtral_jax import dispatch, dispatch_decode, quant, sampling  # noqa: F401 -- registers dispatchers
+from mixtral_jax.model import build
+from mixtral_jax.routers import topk_renormalized
+from mixtral_jax.unstacked import unstack
+
+TOL = 1e-5  # float32; only the summation order differs from dense
+
+
+@pytest.mark.parametrize("name", ["routed_cond", "sorted_loop"])
+@pytest.mark.parametrize("n", [1, 3, 37])
+def test_sparse_dispatch_equals_dense(name, n):
+  """Same outputs as the dense reference, with stacked weights and with per-expert buffers."""
+  e, d, f, k = 5, 12, 20, 2
+  keys = jax.random.split(jax.random.key(n), 5)
+  x = jax.random.normal(keys[0], (n, d))
+  w1, w3 = jax.random.normal(keys[1], (e, d, f)), jax.random.normal(keys[2], (e, d, f))
+  w2 = jax.random.normal(keys[3], (e, f, d))
+  route = topk_renormalized(jax.random.normal(keys[4], (n, e)) * 3, k)
+  ref, _ = dispatch.dense(x, route, w1, w3, w2, dtype=jnp.float32)
+  fn = dispatch.DISPATCHERS.get(name)
+  kw = dict(block=4) if name == "sorted_loop" else {}  # several blocks per expert, partial last blocks
+  got, _ = jax.jit(lambda *a: fn(*a, dtype=jnp.float32, **kw))(x, route, w1, w3, w2)
+  assert rel_err(got, ref) <= TOL
+  parts = [dispatch_decode.ExpertList(tuple(w[j] for j in range(e))) for w in (w1, w3, w2)]
+  got, _ = jax.jit(lambda x, r, a, b, c: fn(x, r, a, b, c, dtype=jnp.float32, **kw))(x, route, *parts)
+  assert rel_err(got, ref) <= TOL
+
+
+def test_unstacked_model_equals_stacked():
+  cfg = tiny_config()
+  model = build(cfg, seed=3)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  ref = model(tokens)
+  fast = unstack(model)
+  assert isinstance(fast.layers[0].moe.w1[...], dispatch_decode.ExpertList)
+  out = jax.jit(lambda m, t: m(t))(fast, tokens)
+  assert rel_err(out.logits, ref.logits) <= TOL
+  np.testing.assert_array_equal(out.router.experts, ref.router.experts)
+  prompts = [[1, 4, 9, 16], [1, 7]]
+  np.testing.assert_array_equal(sampling.generate(fast, prompts, 5), sampling.generate(model, prompts, 5))
+  # The generation default (sparse dispatch) equals the model's own dense dispatch.
+  dense = sampling.decode(model, sampling.prefill(model, prompts, 5, dispatch="config"), dispatch="config")
+  np.testing.assert_array_equal(dense.tokens, sampling.generate(model, prompts, 5))
+
+
+def test_quantized_unstacked_decode_matches_quantized_stacked():
+  cfg = tiny_config(num_layers=2, dim=48, head_dim=16, ffn_dim=64)
+  q = quant.quantize_model(build(cfg, seed=4), "q8")
+  fast = unstack(q)
+  assert isinstance(fast.layers[1].moe.w2[...].parts[0], quant.QTensor)
+  tokens = jnp.asarray([[1, 2, 3, 4, 5]], jnp.int32)
+  assert rel_err(fast(tokens).logits, q(tokens).logits) <= 1e-5
+
+
+def run(*args):
+  return subprocess.run([sys.executable, "run.py", *args], capture_output=True, text=True)
+
+
+def test_generate_mode_streams_and_reports_speed():
+  out = run("--config=configs/generate.py", "--config.max_new_tokens=4", "--config.model.num_layers=1",
+            "--config.prompt=Hello", "--config.quant=q4")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.startswith("Hello") and "prefill:" in out.stderr and "tok/s" in out.stderr
+  assert "[q4]" in out.stderr
+
+
+def test_generate_mode_errors_are_one_line(tmp_path):
+  out = run("--config=configs/generate.py", f"--config.checkpoint={tmp_path}")
+  assert out.returncode != 0 and "holds no checkpoint" in out.stderr and "Traceback" not in out.stderr
+  out = run("--config=configs/generate.py", "--config.quant=q9", "--config.model.num_layers=1")
+  assert out.returncode != 0 and "config.quant='q9'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_plan_mode_8x7b():
+  from configs import mixtral_8x7b
+  from mixtral_jax.config import model_config_from
+  from mixtral_jax.planner import plan
+  cfg = model_config_from(mixtral_8x7b.get_config().model)
+  bf16 = plan(cfg, batch=1, context=4096, chunk=2048)
+  assert round(bf16["weights"] / 1e9, 1) == 93.4  # 46.7B parameters x 2 bytes
+  assert bf16["kv_cache"] == 2 * 32 * 4096 * 8 * 128 * 2
+  assert bf16["fits"]["141GB (H200)"] and not bf16["fits"]["80GB (A100 / H100)"]
+  q4 = plan(cfg, quant="q4", batch=1, context=4096, chunk=2048)
+  assert q4["weights"] < bf16["weights"] / 3 and q4["fits"]["48GB (L40S / A6000)"]
+  out = run("--config=configs/plan.py", "--config.plan.quant=q8")
+  assert out.returncode == 0 and "46.70B parameters" in out.stdout and "141GB (H200)" in out.stdout
+
+
+def test_gpu_bench_dry_run(tmp_path):
+  out = tmp_path / "gpu.json"
+  proc = subprocess.run([sys.executable, "experiments/gpu_bench.py", "--dry_run", "--repeats=1", f"--out={out}"],
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert set(result["benches"]) == {"decode_bf16", "decode_int8", "prefill"}
+  for name, bench in result["benches"].items():
+    assert "error" not in bench, (name, bench)
+    assert bench["tok_s"] > 0
