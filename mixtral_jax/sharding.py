@@ -237,15 +237,59 @@ def model_from_params_sharded(config, params: dict, mesh: Mesh, rules: Mapping[s
   return from_params(config, placed)
 
 
+def mesh_from_config(config) -> tuple:
+  """(mesh, rules) for `config.mesh` over every device of every process; (None, None) on a single device,
+  where there is nothing to split and runs stay exactly as they were."""
+  mesh_cfg = mesh_config_from(config.get("mesh"))
+  if jax.device_count() == 1:
+    return None, None
+  return make_mesh(mesh_cfg), mesh_cfg.rules_dict
+
+
+def _put(x, target: NamedSharding):
+  """device_put that also works across processes (each process fills the shards its devices hold from
+  its own identical copy)."""
+  if jax.process_count() == 1:
+    return jax.device_put(x, target)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
+def place_tree(tree: Any, config, mesh: Mesh, rules: Mapping[str, tuple]):
+  """Puts any pytree built from a Mixtral's variables on `mesh`: parameters, optimizer state, a trainer's
+  state dict. A leaf takes the sharding of the model variable whose path its own dict-key path ends with
+  and whose shape it has (so AdamW's mu/nu follow their parameter); anything else (step counters, RNG
+  keys, LoRA adapters) is replicated."""
+  from mixtral_jax.model import Mixtral
+  abstract = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+  known = {path: (tuple(v.shape), NamedSharding(mesh, logical_to_spec(variable_logical_axes(path, v), rules,
+                                                                       mesh, v.shape)))
+           for path, v in _flat_variables(abstract)}
+  replicated = NamedSharding(mesh, P())
+
+  def target(path, leaf):
+    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    for start in range(len(keys)):
+      shape, named = known.get(keys[start:], (None, None))
+      if named is not None and shape == tuple(np.shape(leaf)):
+        return named
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: _put(leaf, target(path, leaf)), tree)
+
+
 # --- activations --------------------------------------------------------------------------------------------
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mixtral_jax_mesh", default=None)
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Mapping[str, tuple]):
+def use_mesh(mesh: Optional[Mesh], rules: Optional[Mapping[str, tuple]]):
   """Within this context, traced model code constrains activations and expert-parallel dispatch uses
-  `mesh`. Trace (first call of a jitted function) inside it."""
+  `mesh`. Trace (first call of a jitted function) inside it. mesh=None: nothing changes."""
+  if mesh is None:
+    yield None
+    return
   token = _ACTIVE.set((mesh, dict(rules)))
   try:
     with jax.set_mesh(mesh):
@@ -274,9 +318,12 @@ def data_sharding(mesh: Mesh, rules: Mapping[str, tuple], shape: Sequence[int]) 
   return NamedSharding(mesh, logical_to_spec(("batch", "seq") + (None,) * (len(shape) - 2), rules, mesh, shape))
 
 
-def put_batch(batch: np.ndarray, mesh: Mesh, rules: Mapping[str, tuple]) -> jax.Array:
-  """A global host batch (identical on every process) -> a sharded jax.Array; each process fills only the
-  shards its own devices hold, so this is also how multi-process runs feed data."""
+def put_batch(batch, mesh: Mesh, rules: Mapping[str, tuple]):
+  """A global host batch (an array or a dict of [B, T, ...] arrays, identical on every process) -> sharded
+  jax.Arrays; each process fills only the shards its own devices hold, so this is also how multi-process
+  runs feed data."""
+  if isinstance(batch, Mapping):
+    return {k: put_batch(v, mesh, rules) for k, v in batch.items()}
   batch = np.asarray(batch)
   sharding = data_sharding(mesh, rules, batch.shape)
   return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])

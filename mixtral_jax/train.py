@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mixtral_jax import data, lora, optim, reporting
+from mixtral_jax import data, lora, optim, reporting, sharding
 from mixtral_jax.train_checkpoints import Checkpoints, load_pretrained
 from mixtral_jax.config import ConfigError, ModelConfig, model_config_from, to_dict
 from mixtral_jax.losses import LOSSES
@@ -265,8 +265,21 @@ def _finite(*values) -> bool:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint), then evaluates, samples, plots.
-  Returns a summary dict (also printed)."""
+  Returns a summary dict (also printed).
+
+  With more than one device the run uses `config.mesh` (mixtral_jax/sharding.py): the train state is
+  placed by the sharding rules, batches are split over the batch axes, and the steps are traced inside
+  the mesh, so expert-parallel dispatch (`ep_capacity`, `ep_dropless`) finds it. A checkpoint restores onto
+  the current mesh, whatever mesh saved it.
+  """
   validate(config)
+  sharding.initialize_distributed(config.get("distributed"))  # before anything touches a device
+  mesh, rules = sharding.mesh_from_config(config)
+  with sharding.use_mesh(mesh, rules):
+    return _train_and_evaluate(config, workdir, mesh, rules)
+
+
+def _train_and_evaluate(config, workdir: str, mesh, rules) -> dict:
   t = config.train
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax narrates every save at INFO
   os.makedirs(workdir, exist_ok=True)
@@ -296,6 +309,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   optimizer, schedule = optim.make_optimizer(t, trainable, num_experts=cfg.num_experts)
   state = dict(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=jax.jit(optimizer.init)(trainable),
                rng=key, rest=setup.rest)
+  on_mesh = lambda batch: batch  # noqa: E731
+  if mesh is not None:
+    state = sharding.place_tree(state, cfg, mesh, rules)
+    base = None if base is None else sharding.place_tree(base, cfg, mesh, rules)
+    on_mesh = lambda batch: sharding.put_batch(batch, mesh, rules)  # noqa: E731
+    eval_set = [on_mesh(b) for b in eval_set]
   meta = dict(model=to_dict(cfg), lora=setup.lora and {**setup.lora, "targets": list(setup.lora["targets"])},
               tokenizer=config.data.tokenizer, source_checkpoint=config.get("checkpoint") or "")
   ckpt = Checkpoints(workdir, t)
@@ -308,6 +327,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = reporting.MetricsWriter(workdir, config.logging, config.to_dict(), resume_step=start)
   train_step, eval_step = make_train_step(setup, t, optimizer, schedule), make_eval_step(setup)
   summary = dict(workdir=workdir, start_step=start, lora_params=setup.lora and lora.count(trainable),
+                 mesh=None if mesh is None else {a: n for a, n in mesh.shape.items() if n > 1},
                  params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.base)))
   if start == 0 and eval_set:
     writer.write(0, {"eval_loss": evaluate(eval_step, state, base, eval_set)})
@@ -319,7 +339,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     with StopSignal() as stop:
       while step < t.steps:
-        batch = next(iterator)
+        batch = on_mesh(next(iterator))
         state, metrics = train_step(state, base, batch)
         step += 1
         metrics = jax.device_get(metrics)

@@ -264,11 +264,45 @@ def check_layer():
   return out
 
 
+def check_train():
+  """The trainer with configs/expert_sharded.py (expert=8, ep_dropless) for 4 steps, then resumed from its
+  step-4 checkpoint on a different mesh (fsdp=4 x tensor=2) for 2 more."""
+  from configs import expert_sharded
+  from mixtral_jax import train
+  words = "the quick brown fox jumps over the lazy dog while experts route every token".split()
+  rng = np.random.default_rng(0)
+  with tempfile.TemporaryDirectory() as tmp:
+    corpus = os.path.join(tmp, "corpus")
+    os.makedirs(corpus)
+    for i in range(6):
+      with open(os.path.join(corpus, f"doc{i}.txt"), "w") as f:
+        f.write("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(6)))
+    config = expert_sharded.get_config()
+    config.model.update(dict(vocab_size=259, dim=40, num_layers=2, num_heads=5, num_kv_heads=1, head_dim=12,
+                             ffn_dim=36, max_positions=64, rope_theta=10000.0))
+    config.train.update(dict(steps=4, batch_size=8, seq_len=32, warmup_steps=1, learning_rate=1e-2, log_every=1,
+                             eval_every=4, eval_batches=1, checkpoint_every=2, sample_tokens=0))
+    config.data.update(dict(paths=corpus, tokenizer="bytes", eval_fraction=0.2))
+    config.logging.update(dict(wandb="disabled", progress=False, plot=False))
+    workdir = os.path.join(tmp, "work")
+    first = train.train_and_evaluate(config, workdir)
+    config.mesh.update(dict(expert=1, fsdp=4, tensor=2))
+    config.train.steps = 6
+    second = train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      records = [json.loads(line) for line in f]
+  keep = ("mesh", "start_step", "step", "eval_loss_start", "eval_loss")
+  return dict(first={k: first.get(k) for k in keep}, second={k: second.get(k) for k in keep},
+              dispatch=config.model.dispatch,
+              dropped=[r["dropped_fraction"] for r in records if "dropped_fraction" in r],
+              losses=[r["loss"] for r in records if "loss" in r])
+
+
 def check_equality_slow():
   return check_equality(SLOW_CASES)
 
 
-CHECKS = {"equality": check_equality, "equality_slow": check_equality_slow, "layer": check_layer, "restore": check_restore, "train3": check_train3}
+CHECKS = {"equality": check_equality, "equality_slow": check_equality_slow, "layer": check_layer, "train": check_train, "restore": check_restore, "train3": check_train3}
 
 
 if __name__ == "__main__":

@@ -261,3 +261,15 @@ def test_plan_train_mode_prints_a_table(capsys):
   load_modes().get("plan_train")(plan_train.get_config("hardware=h200,seq=1024"), "/tmp")
   out = capsys.readouterr().out
   assert "8x NVIDIA H200" in out and "mesh expert=8" in out and "optimizer" in out and "fits" in out
+
+
+@pytest.mark.slow
+def test_trainer_with_expert_sharded_config_and_resume_on_another_mesh():
+  r = run_mesh_checks("train")["train"]
+  first, second = r["first"], r["second"]
+  assert r["dispatch"] == "ep_dropless" and first["mesh"] == {"expert": 8} and first["step"] == 4
+  assert first["eval_loss"] < first["eval_loss_start"] - 0.3  # it learns
+  # The step-4 checkpoint saved on expert=8 resumes on fsdp=4 x tensor=2 and keeps learning.
+  assert second["mesh"] == {"fsdp": 4, "tensor": 2} and second["start_step"] == 4 and second["step"] == 6
+  assert second["eval_loss"] < first["eval_loss"]
+  assert len(r["losses"]) == 6 and all(d == [0.0, 0.0] for d in r["dropped"])
