@@ -170,8 +170,7 @@ def eval_mode(config, workdir):
                                 num_batches=e.max_batches)
     result = perplexity(model, batches)
   else:
-    encode = lambda text, bos=False: ([tokenizer.bos_id] if bos else []) + list(tokenizer.encode(text))  # noqa
-    result = score_multiple_choice(model, items, encode, batch_size=e.batch_size)
+    result = score_multiple_choice(model, items, tokenizer.encode, batch_size=e.batch_size)
     counts = {len(it["choices"]) for it in items}
     if len(counts) == 1:  # one random baseline: report the leaderboard's normalised score too
       result["acc_norm_leaderboard"] = normalized_score(result["acc_norm"], num_choices=counts.pop())

@@ -221,7 +221,7 @@ def evaluate(eval_step, state, base, batches) -> float:
 
 def greedy_sample(setup: Setup, params, rest, tokenizer, prompt: str, num_tokens: int) -> str:
   """Greedy decoding with the KV cache (mixtral_jax.sampling, issue 5, can replace this)."""
-  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+  ids = tokenizer.encode(prompt, bos=True)
 
   @jax.jit
   def step(params, tokens, cache):
