@@ -4,6 +4,7 @@ The pytest process has already initialised jax with one device, and the device c
 jax starts; so tests/test_sharding.py runs `python tests/mesh_checks.py CHECK...` with XLA_FLAGS set and reads
 the one JSON line each check prints. Also handy by hand: `python tests/mesh_checks.py equality`.
 """
+import functools
 import json
 import os
 import sys
@@ -67,12 +68,26 @@ def value_and_grad(model, toks, mesh=None, rules=None):
   return float(loss), np.asarray(logits), jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _loss(graphdef, state, toks):
+  return loss_fn(graphdef, state, toks)[0]
+
+
+def loss_only(model, toks, mesh=None, rules=None):
+  """Forward only, jitted once per (graphdef, mesh): the checks that need just the loss share a compile."""
+  graphdef, state = nnx.split(model)
+  with sharding.use_mesh(mesh, rules):
+    return float(_loss(graphdef, state, toks if mesh is None else sharding.put_batch(toks, mesh, rules)))
+
+
 def rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-# Every mesh meets both EP strategies; the default test run takes one of each per mesh, the slow one the rest.
+# Model level: the test suite runs every mesh once, each strategy twice (compiles dominate the test time);
+# `python tests/mesh_checks.py equality_slow` runs the other pairs and dense. The `layer` check covers every
+# mesh x strategy pair, outputs and gradients, at the MoE-layer level.
 FAST_CASES = [("expert8", "ep_dropless"), ("data2_expert4", "ep_capacity"), ("fsdp4_expert2", "ep_dropless"),
               ("tensor2_expert4", "ep_capacity")]
 SLOW_CASES = [(m, d) for m in MESHES for d in ("ep_capacity", "ep_dropless") if (m, d) not in FAST_CASES] + [
@@ -128,21 +143,21 @@ def check_restore():
     out["single_max_abs_diff"] = max(float(np.abs(np.asarray(a) - b).max())
                                      for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(params)))
     # The restored tree runs: the model on the new mesh gives the same loss as on one device.
-    ref_loss = value_and_grad(from_params(CFG, params), tokens())[0]
+    ref_loss = loss_only(from_params(CFG, params), tokens())
     moved = from_params(CFG, restored)
-    out["loss_err"] = abs(value_and_grad(moved, tokens(), load_mesh, load_cfg.rules_dict)[0] - ref_loss)
+    out["loss_err"] = abs(loss_only(moved, tokens(), load_mesh, load_cfg.rules_dict) - ref_loss)
     # checkpoint.save_model of the sharded model (Orbax writes shard by shard), then load_model straight onto
     # the other mesh: each device reads only its slices, nothing is assembled on one device first.
     from mixtral_jax import checkpoint
     checkpoint.save_model(os.path.join(tmp, "model"), model)
-    loaded = checkpoint.load_model(os.path.join(tmp, "model"), dispatch="ep_dropless",
+    loaded = checkpoint.load_model(os.path.join(tmp, "model"),
                                    shardings=lambda s: sharding.state_shardings(s, load_mesh, load_cfg.rules_dict))
     w1 = loaded.layers.moe.w1[...]
     out["load_model_spec"] = str(w1.sharding.spec)
     out["load_model_devices"] = len(w1.sharding.device_set)
     out["load_model_max_abs_diff"] = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(
         jax.tree.leaves(params_of(loaded)), jax.tree.leaves(params)))
-    out["load_model_loss_err"] = abs(value_and_grad(loaded, tokens(), load_mesh, load_cfg.rules_dict)[0] - ref_loss)
+    out["load_model_loss_err"] = abs(loss_only(loaded, tokens(), load_mesh, load_cfg.rules_dict) - ref_loss)
   init = sharding.init_model(CFG, 0, save_mesh, save_cfg.rules_dict)
   out["init_spec"] = str(init.layers.moe.w1[...].sharding.spec)
   out["init_max_abs_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
@@ -302,10 +317,13 @@ def check_equality_slow():
   return check_equality(SLOW_CASES)
 
 
-CHECKS = {"equality": check_equality, "equality_slow": check_equality_slow, "layer": check_layer, "train": check_train, "restore": check_restore, "train3": check_train3}
+CHECKS = {"equality": check_equality, "equality_slow": check_equality_slow, "layer": check_layer,
+          "restore": check_restore, "train": check_train, "train3": check_train3}
 
 
 if __name__ == "__main__":
   for name in sys.argv[1:] or list(CHECKS):
+    start = time.process_time()
     result = CHECKS[name]()  # first: train3 must initialise jax.distributed before any device query
-    print(json.dumps({"check": name, "devices": jax.device_count(), "result": result}), flush=True)
+    print(json.dumps({"check": name, "devices": jax.device_count(), "cpu_seconds": time.process_time() - start,
+                      "result": result}), flush=True)
