@@ -26,12 +26,13 @@ from mixtral_jax.tokenizer import Tokenizer  # noqa: E402
 
 
 def windows(ids, seq_len: int, batch: int, limit: int):
-  """Token ids -> batches of (tokens [B, T], mask [B, T]) of BOS + seq_len - 1 ids each."""
+  """Token ids -> evaluate.perplexity batches: windows of BOS + seq_len - 1 ids, predicting the next id."""
   step = seq_len - 1
   rows = [[1] + ids[i:i + step] for i in range(0, len(ids) - step + 1, step)][:limit]
   for i in range(0, len(rows), batch):
-    tokens = np.asarray(rows[i:i + batch], np.int32)
-    yield tokens, np.ones_like(tokens)
+    tokens = np.asarray(rows[i:i + batch], np.int32)  # [B, T]
+    yield {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+           "loss_mask": np.ones(tokens[:, 1:].shape, np.float32)}
 
 
 def main(argv=None):

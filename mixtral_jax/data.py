@@ -47,46 +47,27 @@ class ByteTokenizer:
   """UTF-8 bytes + 3 specials (pad 0, bos 1, eos 2): a 259-token vocabulary for fast tests."""
   vocab_size, pad_id, bos_id, eos_id = 259, 0, 1, 2
 
-  def encode(self, text: str) -> list[int]:
-    return [b + 3 for b in text.encode("utf-8")]
+  def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
+    """The same signature as mixtral_jax.tokenizer.Tokenizer.encode."""
+    ids = [b + 3 for b in text.encode("utf-8")]
+    return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
   def decode(self, ids) -> str:
     return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
 
 
-class SentencePieceTokenizer:
-  """The Mixtral SentencePiece tokenizer (32000 pieces, bos 1, eos 2)."""
-
-  def __init__(self, path: str):
-    import sentencepiece
-    self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
-    self.vocab_size = self._sp.vocab_size()
-    self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), 0
-
-  def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
-
-  def decode(self, ids) -> str:
-    return self._sp.decode([int(i) for i in ids])
-
-
-def mixtral_tokenizer_path() -> str:
-  """The Mixtral 8x7B tokenizer (SentencePiece v1) that ships inside the mistral_common package."""
-  import mistral_common
-  return os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
-
-
 def load_tokenizer(name: str):
   """'mixtral' | 'bytes' | a path to a SentencePiece .model file.
 
-  One small function on purpose: mixtral_jax.tokenizer (issue 5) replaces the body when it lands.
+  SentencePiece files load through mixtral_jax.tokenizer.Tokenizer (the same class generation uses).
   """
   if name == "bytes":
     return ByteTokenizer()
-  path = mixtral_tokenizer_path() if name == "mixtral" else name
+  from mixtral_jax.tokenizer import Tokenizer, default_path
+  path = default_path() if name == "mixtral" else name
   if not os.path.isfile(path):
     raise DataError(f"config.data.tokenizer: tokenizer file not found: {path}")
-  return SentencePieceTokenizer(path)
+  return Tokenizer(path)
 
 
 # ---------------------------------------------------------------------------------------------- documents
@@ -195,8 +176,9 @@ def split_heldout(docs: list[Document], fraction: float, seed: int):
 
 def encode(doc: Document, tokenizer) -> dict:
   """Document -> per-document shifted inputs/targets and a loss mask (0 where the target is prompt)."""
-  prompt = tokenizer.encode(doc.prompt) if doc.prompt else []
-  ids = np.asarray([tokenizer.bos_id] + prompt + tokenizer.encode(doc.text) + [tokenizer.eos_id], np.int32)
+  prompt = tokenizer.encode(doc.prompt, bos=False) if doc.prompt else []
+  ids = np.asarray([tokenizer.bos_id] + prompt + tokenizer.encode(doc.text, bos=False) + [tokenizer.eos_id],
+                   np.int32)
   mask = np.ones(len(ids) - 1, np.int32)
   mask[:len(prompt)] = 0  # targets ids[1 : 1 + len(prompt)] are prompt tokens
   return {"inputs": ids[:-1], "targets": ids[1:], "loss_mask": mask}

@@ -5,12 +5,16 @@ Scoring is pure given token ids; tokenisation happens at the boundary (the `eval
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mixtral_jax.modes import MODES
 
 # The seed's Open LLM Leaderboard v2 table for Mixtral-8x7B (normalised scores, 0-100): what a run on the
 # real weights should reproduce.
@@ -101,18 +105,79 @@ def score_multiple_choice(model, items: Sequence[Mapping], encode: Callable[[str
           "predictions": predictions}
 
 
-def perplexity(model, batches: Iterable[tuple]) -> dict:
-  """batches of (tokens [B, T], loss_mask [B, T]) -> token-weighted mean NLL and its exp."""
+def perplexity(model, batches: Iterable[Mapping]) -> dict:
+  """Packed batches {tokens, targets, loss_mask [B, T], optional positions, segment_ids} (mixtral_jax.data's
+  layout) -> token-weighted mean NLL of the targets and its exp."""
   @jax.jit
-  def nll(m, tokens, mask):
-    logp = jax.nn.log_softmax(m(tokens[:, :-1]).logits, axis=-1)  # [B, T-1, V]
-    target = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    w = mask[:, 1:].astype(jnp.float32)
+  def nll(m, batch):
+    logits = m(batch["tokens"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")).logits
+    logp = jax.nn.log_softmax(logits, axis=-1)  # [B, T, V]
+    target = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]  # [B, T]
+    w = batch["loss_mask"].astype(jnp.float32)
     return -jnp.sum(target * w), jnp.sum(w)
 
   total = count = 0.0
-  for tokens, mask in batches:
-    s, c = nll(model, jnp.asarray(tokens), jnp.asarray(mask))
+  for batch in batches:
+    s, c = nll(model, {k: jnp.asarray(v) for k, v in batch.items()})
     total, count = total + float(s), count + float(c)
   mean = total / max(count, 1.0)
   return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(count)}
+
+
+def read_choice_items(path: str) -> list:
+  """JSONL of {"context": str, "choices": [str, ...], "gold": int}; errors name the file and line."""
+  from mixtral_jax.config import ConfigError
+  if not os.path.isfile(path):
+    raise ConfigError(f"config.eval.data: file not found: {path}")
+  items = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        item = json.loads(line)
+        ok = (isinstance(item.get("context"), str) and isinstance(item.get("choices"), list)
+              and len(item["choices"]) >= 2 and all(isinstance(c, str) for c in item["choices"])
+              and isinstance(item.get("gold"), int) and 0 <= item["gold"] < len(item["choices"]))
+      except (json.JSONDecodeError, AttributeError):
+        ok = False
+      if not ok:
+        raise ConfigError(f"{path}:{number}: expected {{\"context\": str, \"choices\": [>= 2 str], "
+                          f"\"gold\": index}}")
+      items.append(item)
+  if not items:
+    raise ConfigError(f"{path}: no items")
+  return items
+
+
+@MODES.register("eval")
+def eval_mode(config, workdir):
+  """Perplexity on text/JSONL, or multiple-choice log-likelihood scoring; results to WORKDIR/eval.json."""
+  from mixtral_jax import data
+  from mixtral_jax.inference import load_for_inference
+  e = config.eval
+  tokenizer = data.load_tokenizer(config.data.tokenizer)
+  if e.task not in ("perplexity", "multiple_choice"):
+    from mixtral_jax.config import ConfigError
+    raise ConfigError(f"config.eval.task={e.task!r} is not one of perplexity, multiple_choice")
+  if e.task == "multiple_choice":
+    items = read_choice_items(e.data)  # bad data fails before the model loads
+  else:
+    docs = data.read_documents(e.data, config.data.chunk_chars)
+  model = load_for_inference(config)
+  if e.task == "perplexity":
+    batches = data.eval_batches(docs, tokenizer, seq_len=e.seq_len, batch_size=e.batch_size,
+                                num_batches=e.max_batches)
+    result = perplexity(model, batches)
+  else:
+    result = score_multiple_choice(model, items, tokenizer.encode, batch_size=e.batch_size)
+    counts = {len(it["choices"]) for it in items}
+    if len(counts) == 1:  # one random baseline: report the leaderboard's normalised score too
+      result["acc_norm_leaderboard"] = normalized_score(result["acc_norm"], num_choices=counts.pop())
+    result.pop("predictions")
+  result.update(task=e.task, data=e.data, checkpoint=config.checkpoint)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  print(json.dumps(result, indent=2))
+  return result

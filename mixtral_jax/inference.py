@@ -45,6 +45,8 @@ def load_hf_dir(path: str, dtype: str = "float32"):
 def load_for_inference(config):
   """config.checkpoint (+ config.quant) -> a model ready for sampling.generate, in the inference layout."""
   path, dtype = config.checkpoint, config.model.param_dtype
+  if config.quant not in ("", "none", None) and config.quant not in quant_lib.LEVELS:
+    raise ConfigError(f"config.quant={config.quant!r} is not one of none, {', '.join(quant_lib.LEVELS)}")
   if not path:
     from mixtral_jax.model import build
     print(f"no config.checkpoint: random weights for config.model (seed {config.seed})", file=sys.stderr)
@@ -67,8 +69,6 @@ def load_for_inference(config):
   if config.quant and config.quant != "none":
     if getattr(model, "quant", None):
       raise ConfigError(f"config.checkpoint={path} is already quantized ({model.quant}); drop config.quant")
-    if config.quant not in quant_lib.LEVELS:
-      raise ConfigError(f"config.quant={config.quant!r} is not one of none, {', '.join(quant_lib.LEVELS)}")
     model = quant_lib.quantize_model(model, config.quant)
   from mixtral_jax.unstacked import unstack
   return unstack(model)  # the inference layout: per-layer, per-expert buffers (unstacked.py)

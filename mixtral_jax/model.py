@@ -179,10 +179,14 @@ def from_params(config: ModelConfig, params: Any) -> Mixtral:
   """A Mixtral holding `params` (a pure dict shaped like nnx.to_pure_dict(nnx.state(model))).
 
   Nothing is randomly initialised (the skeleton comes from nnx.eval_shape); a missing, extra or
-  mis-shaped tensor raises ValueError naming its path.
+  mis-shaped tensor raises ValueError naming its path. Non-parameter state (the aux_free_bias router's
+  bias) starts at its initial value, zero.
   """
   model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
-  state = nnx.state(model)
+  other = nnx.state(model, nnx.Not(nnx.Param))
+  if jax.tree.leaves(other):
+    nnx.update(model, jax.tree.map(lambda spec: jnp.zeros(spec.shape, spec.dtype), other))
+  state = nnx.state(model, nnx.Param)
   expected = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0])
   given = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   name = lambda path: ".".join(str(getattr(p, "key", p)) for p in path)  # noqa: E731

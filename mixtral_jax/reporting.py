@@ -84,6 +84,21 @@ class MetricsWriter:
       self.wandb = None
 
 
+def summary_lines(step: int, metrics: dict, eval_loss: Optional[float]) -> list[str]:
+  """A readable log of one step: loss and perplexity, held-out, auxiliary losses, per-layer expert load."""
+  loss = float(metrics["loss"])
+  line = f"step {step}: loss {loss:.3f} (ppl {math.exp(min(loss, 50)):,.1f})"
+  if eval_loss is not None:
+    line += f" | held-out {eval_loss:.3f} (ppl {math.exp(min(eval_loss, 50)):,.1f})"
+  aux = " ".join(f"{k[4:]} {float(v):.3f}" for k, v in sorted(metrics.items()) if k.startswith("aux/"))
+  line += f" | {aux} | lr {float(metrics['learning_rate']):.2e}"
+  lines = [line]
+  for layer, row in enumerate(np.asarray(metrics["expert_load"])):
+    lines.append(f"  layer {layer} expert load: " + " ".join(f"{x:.2f}" for x in row) +
+                 f"  (cv {float(metrics['load_cv'][layer]):.2f})")
+  return lines
+
+
 def read_metrics(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]

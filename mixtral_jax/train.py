@@ -221,7 +221,7 @@ def evaluate(eval_step, state, base, batches) -> float:
 
 def greedy_sample(setup: Setup, params, rest, tokenizer, prompt: str, num_tokens: int) -> str:
   """Greedy decoding with the KV cache (mixtral_jax.sampling, issue 5, can replace this)."""
-  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+  ids = tokenizer.encode(prompt, bos=True)
 
   @jax.jit
   def step(params, tokens, cache):
@@ -329,8 +329,17 @@ def _train_and_evaluate(config, workdir: str, mesh, rules) -> dict:
   summary = dict(workdir=workdir, start_step=start, lora_params=setup.lora and lora.count(trainable),
                  mesh=None if mesh is None else {a: n for a, n in mesh.shape.items() if n > 1},
                  params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.base)))
+  what = (f"LoRA rank {setup.lora['rank']} on {','.join(setup.lora['targets'])}: {summary['lora_params']:,} trained"
+          if setup.lora else "all trained")
+  print(f"model: {summary['params']:,} parameters ({what}), {cfg.num_layers} layers x {cfg.num_experts} experts "
+        f"top-{cfg.top_k}, {cfg.dispatch} dispatch, compute {cfg.dtype}\n"
+        f"data: {config.data.paths} -> {len(train_docs):,} training / {len(eval_docs):,} held-out documents, "
+        f"tokenizer {config.data.tokenizer} ({tokenizer.vocab_size:,}); steps {start}..{t.steps} of "
+        f"{t.batch_size * t.grad_accum} x {t.seq_len} tokens; workdir {workdir}", flush=True)
   if start == 0 and eval_set:
-    writer.write(0, {"eval_loss": evaluate(eval_step, state, base, eval_set)})
+    eval_loss = evaluate(eval_step, state, base, eval_set)
+    writer.write(0, {"eval_loss": eval_loss})
+    print(f"step 0: held-out {eval_loss:.3f} (ppl {math.exp(eval_loss):,.1f})", flush=True)
 
   from tqdm import tqdm
   bar = tqdm(total=t.steps, initial=start, disable=not config.logging.progress, dynamic_ncols=True,
@@ -343,6 +352,8 @@ def _train_and_evaluate(config, workdir: str, mesh, rules) -> dict:
         state, metrics = train_step(state, base, batch)
         step += 1
         metrics = jax.device_get(metrics)
+        if step == start + 1:
+          compiled = time.perf_counter()  # throughput is reported from here: after the compile
         if not _finite(metrics["loss"], metrics["grad_norm"], metrics["update_norm"]):
           ckpt.wait()
           last = ckpt.latest_step()
@@ -353,8 +364,12 @@ def _train_and_evaluate(config, workdir: str, mesh, rules) -> dict:
         if step % t.log_every == 0 or step == t.steps:
           writer.write(step, {**metrics, "perplexity": math.exp(min(float(metrics["loss"]), 50.0))})
           bar.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-        if eval_set and (step % t.eval_every == 0 or step == t.steps):
-          writer.write(step, {"eval_loss": evaluate(eval_step, state, base, eval_set)})
+        if step % t.eval_every == 0 or step == t.steps:
+          eval_loss = evaluate(eval_step, state, base, eval_set) if eval_set else None
+          if eval_loss is not None:
+            writer.write(step, {"eval_loss": eval_loss})
+          for line in reporting.summary_lines(step, metrics, eval_loss):
+            bar.write(line)
         ckpt.save(step, state, iterator, meta, force=step == t.steps or stop.received is not None)
         bar.update(1)
         if stop.received:
@@ -362,7 +377,7 @@ def _train_and_evaluate(config, workdir: str, mesh, rules) -> dict:
           print(f"\n{stop.received}: saved checkpoint {ckpt.path(step)}; exiting (rerun to resume)", flush=True)
           summary.update(step=step, stopped=stop.received, checkpoint=ckpt.path(step))
           return summary
-    elapsed = time.perf_counter() - began
+    elapsed = (began, compiled if step > start else None, time.perf_counter())
   finally:
     bar.close()
     ckpt.wait()
@@ -378,11 +393,11 @@ def _finish(config, workdir, setup, state, base, tokenizer, writer, ckpt, summar
   records = reporting.read_metrics(writer.path)
   evals = [r for r in records if "eval_loss" in r]
   summary.update(step=step, checkpoint=ckpt.path(step), stopped=None)
-  trained = step - start
-  if trained and elapsed > 0:
-    summary["tokens_per_second"] = trained * t.batch_size * t.grad_accum * t.seq_len / elapsed
-    print(f"trained steps {start}..{step} in {elapsed:.1f}s "
-          f"({summary['tokens_per_second']:,.0f} tokens/s incl. compile)")
+  began, compiled, ended = elapsed
+  if compiled is not None and step - start > 1:
+    summary["tokens_per_second"] = (step - start - 1) * t.batch_size * t.grad_accum * t.seq_len / (ended - compiled)
+    print(f"trained steps {start}..{step} in {ended - began:.1f}s (first step with compile: {compiled - began:.1f}s; "
+          f"then {summary['tokens_per_second']:,.0f} tokens/s, evaluation and checkpoints included)")
   if evals:
     first, last = evals[0], evals[-1]
     summary.update(eval_loss_start=first["eval_loss"], eval_loss=last["eval_loss"])

@@ -65,5 +65,24 @@ def test_perplexity_of_uniform_model_is_vocab_size():
   model = build(cfg, seed=2)
   model.lm_head[...] = jnp.zeros_like(model.lm_head[...])
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9))
-  res = evaluate.perplexity(model, [(tokens, np.ones_like(tokens))])
+  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((2, 8), np.float32)}
+  res = evaluate.perplexity(model, [batch])
   assert res["perplexity"] == pytest.approx(cfg.vocab_size, rel=1e-5) and res["tokens"] == 16
+
+
+def test_eval_mode_end_to_end(tmp_path):
+  """run.py --config=configs/eval.py: multiple choice on a random tiny model, and a bad JSONL line."""
+  import json
+  import subprocess
+  import sys
+  items = tmp_path / "mc.jsonl"
+  items.write_text("\n".join(json.dumps({"context": f"Q{i}:", "choices": ["yes", "no"], "gold": i % 2})
+                             for i in range(5)))
+  args = [sys.executable, "run.py", "--config=configs/eval.py:task=multiple_choice", f"--workdir={tmp_path}",
+          f"--config.eval.data={items}", "--config.data.tokenizer=bytes", "--config.model.vocab_size=263"]
+  subprocess.run(args, check=True, capture_output=True)
+  result = json.loads((tmp_path / "eval.json").read_text())
+  assert result["n"] == 5 and 0 <= result["acc"] <= 1 and "acc_norm_leaderboard" in result
+  items.write_text('{"context": "a", "choices": ["x"], "gold": 0}\n')
+  bad = subprocess.run(args, capture_output=True, text=True)
+  assert bad.returncode != 0 and f"{items}:1: expected" in bad.stderr and "Traceback" not in bad.stderr

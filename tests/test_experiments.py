@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.slow
 
 
+
+@pytest.mark.slow
 def test_routing_ablation_quick(tmp_path):
   from experiments.routing_ablation import run
   rows = run.main(["--quick", "--out", str(tmp_path)])
@@ -22,6 +23,7 @@ def test_routing_ablation_quick(tmp_path):
     assert os.path.getsize(tmp_path / name) > 1000
 
 
+@pytest.mark.slow
 def test_expert_specialization_quick(tmp_path):
   from experiments.expert_specialization import run
   from experiments.expert_specialization.tasks import TASKS
@@ -32,3 +34,14 @@ def test_expert_specialization_quick(tmp_path):
     assert 0.0 <= row["tv_vs_all"] <= 1.0
   assert os.path.getsize(tmp_path / "heatmap.png") > 1000
   assert "By token class" in (tmp_path / "specialization.md").read_text()
+
+
+def test_run_benchmarks_collect_lists_every_benchmark(tmp_path, monkeypatch):
+  from experiments import run_benchmarks
+  monkeypatch.setattr(run_benchmarks, "RESULTS", str(tmp_path))
+  (tmp_path / "bench_moe.md").write_text("# MoE\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+  assert run_benchmarks.main(["--collect"]) == 0
+  text = (tmp_path / "BENCHMARKS.md").read_text()
+  for name in run_benchmarks.BENCHMARKS:
+    assert f"## {name}:" in text
+  assert "### MoE" in text and "| 1 | 2 |" in text and "_not run yet: `python experiments/bench_train.py`_" in text

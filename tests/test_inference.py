@@ -18,7 +18,7 @@ TOL = 1e-5  # float32; only the summation order differs from dense
 
 
 @pytest.mark.parametrize("name", ["routed_cond", "sorted_loop"])
-@pytest.mark.parametrize("n", [1, 3, 37])
+@pytest.mark.parametrize("n", [1, 37])
 def test_sparse_dispatch_equals_dense(name, n):
   """Same outputs as the dense reference, with stacked weights and with per-expert buffers."""
   e, d, f, k = 5, 12, 20, 2
@@ -38,7 +38,7 @@ def test_sparse_dispatch_equals_dense(name, n):
 
 
 def test_unstacked_model_equals_stacked():
-  cfg = tiny_config()
+  cfg = tiny_config(num_layers=2)
   model = build(cfg, seed=3)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
   ref = model(tokens)
@@ -47,18 +47,17 @@ def test_unstacked_model_equals_stacked():
   out = jax.jit(lambda m, t: m(t))(fast, tokens)
   assert rel_err(out.logits, ref.logits) <= TOL
   np.testing.assert_array_equal(out.router.experts, ref.router.experts)
+  # Generation's sparse dispatch on per-expert buffers == the stacked model's own dense dispatch.
   prompts = [[1, 4, 9, 16], [1, 7]]
-  np.testing.assert_array_equal(sampling.generate(fast, prompts, 5), sampling.generate(model, prompts, 5))
-  # The generation default (sparse dispatch) equals the model's own dense dispatch.
   dense = sampling.decode(model, sampling.prefill(model, prompts, 5, dispatch="config"), dispatch="config")
-  np.testing.assert_array_equal(dense.tokens, sampling.generate(model, prompts, 5))
+  np.testing.assert_array_equal(sampling.generate(fast, prompts, 5), dense.tokens)
 
 
 def test_quantized_unstacked_decode_matches_quantized_stacked():
-  cfg = tiny_config(num_layers=2, dim=48, head_dim=16, ffn_dim=64)
+  cfg = tiny_config(num_layers=1, dim=48, head_dim=16, ffn_dim=64)
   q = quant.quantize_model(build(cfg, seed=4), "q8")
   fast = unstack(q)
-  assert isinstance(fast.layers[1].moe.w2[...].parts[0], quant.QTensor)
+  assert isinstance(fast.layers[0].moe.w2[...].parts[0], quant.QTensor)
   tokens = jnp.asarray([[1, 2, 3, 4, 5]], jnp.int32)
   assert rel_err(fast(tokens).logits, q(tokens).logits) <= 1e-5
 

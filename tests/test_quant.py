@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err, tiny_config
-from mixtral_jax import quant, sampling
+from mixtral_jax import quant
 from mixtral_jax.model import build
 
 # Relative (Frobenius) error bounds for N(0, 1) weights. A uniform quantizer with step s has RMS error
@@ -51,8 +51,9 @@ def test_levels_are_ordered_by_error_and_bytes():
 
 
 def test_quantized_model_runs_everywhere_the_float_one_does():
-  """Odd sizes (D=40, Dh=12: padded groups) through the forward pass, generation and save/load."""
-  cfg = tiny_config(num_layers=2)
+  """Odd sizes (D=40, Dh=12: padded groups) through the forward pass and byte accounting (generation
+  with quantized weights: test_inference.py)."""
+  cfg = tiny_config(num_layers=1)
   model = build(cfg, seed=1)
   tokens = jnp.asarray([[1, 5, 7, 9, 11, 13]], jnp.int32)
   ref = model(tokens).logits
@@ -63,10 +64,7 @@ def test_quantized_model_runs_everywhere_the_float_one_does():
     assert isinstance(qm.layers.moe.w1[...], quant.QTensor) and not isinstance(qm.embed[...], quant.QTensor)
     errs[level] = rel_err(forward(qm, tokens), ref)
   assert errs["q8"] < 0.02 and errs["q8"] < errs["q2"] < 1.0
-  qm = quant.quantize_model(model, "q4")
-  assert quant.weight_bytes(qm)["quantized"] < quant.weight_bytes(model)["quantized"] / 3
-  out = sampling.generate(qm, [[1, 2, 3]], 4)
-  assert out.shape == (1, 7)
+  assert quant.weight_bytes(qm)["quantized"] < quant.weight_bytes(model)["quantized"] / 4
 
 
 def test_quantized_checkpoint_round_trip(tmp_path):

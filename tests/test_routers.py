@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import tiny_config
 from mixtral_jax.config import ConfigError
-from mixtral_jax.model import KVCache, build
+from mixtral_jax.model import KVCache, build, from_params, params_of
 from mixtral_jax.routers import ROUTERS, RouterOutput, sinkhorn_log, topk_gates
 from mixtral_jax.routers_extra import RouterBias, aux_free_bias_update, hash_experts, update_aux_free_bias
 
@@ -255,6 +255,9 @@ def test_aux_free_bias_is_state_updated_outside_the_gradient():
   assert bias.shape == (cfg.num_layers, cfg.num_experts)
   np.testing.assert_allclose(bias, aux_free_bias_update(jnp.zeros_like(bias), route, rate=0.25))
   assert set(np.unique(np.asarray(bias))) <= {-0.25, 0.0, 0.25}
+  # Loading parameters (e.g. converted Mixtral weights) starts the bias at zero.
+  loaded = from_params(cfg, params_of(model))
+  np.testing.assert_array_equal(loaded.layers.moe.router.bias[...], 0.0)
 
 
 @pytest.mark.parametrize("name,dispatch", [

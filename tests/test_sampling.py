@@ -52,6 +52,8 @@ def test_greedy_equals_hf_generate(name):
   expected = hf_generate(hf, prompts, 9)
   out = sampling.generate(ours_from_hf(cfg, hf), prompts, 9)
   assert out.shape == (3, 7 + 9)
+  if cfg.sliding_window:  # the cache rolls: 4 slots for 16 tokens
+    assert sampling.cache_size(cfg, 7, 9) == cfg.sliding_window
   np.testing.assert_array_equal(np.asarray(out)[:, 7:], expected)
 
 
@@ -68,15 +70,7 @@ def test_eos_stops_each_row_like_hf():
   assert sampling.generated_lengths(out, 4, eos)[0] == 3
 
 
-def test_greedy_equals_uncached_argmax_loop():
-  """The cached, jitted decode reproduces a plain loop of full forward passes without a cache."""
-  cfg = tiny_config(num_layers=2)
-  model = build(cfg, seed=4)
-  prompt = [1, 9, 250, 31, 7]
-  assert np.asarray(sampling.generate(model, [prompt], 6))[0].tolist() == greedy_without_cache(model, prompt, 6)
-
-
-def test_padded_batch_equals_each_prompt_alone():
+def test_padded_batch_equals_each_prompt_alone_and_uncached_forward():
   cfg = tiny_config(num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8)
   model = build(cfg, seed=5)
   prompts = [[1, 4, 9, 16, 25, 36], [1, 99, 98]]
@@ -84,21 +78,14 @@ def test_padded_batch_equals_each_prompt_alone():
   for row, p in zip(batch, prompts):
     alone = np.asarray(sampling.generate(model, [p], 5))[0]
     assert row[-5:].tolist() == alone[-5:].tolist()
+    # Cached, jitted decode == a plain loop of full forward passes without a cache.
+    assert alone.tolist() == greedy_without_cache(model, p, 5)
   # The same prompts right-padded in an array with a mask give the same continuation.
   right = np.zeros((2, 6), np.int32)
   mask = np.zeros((2, 6), np.int32)
   for i, p in enumerate(prompts):
     right[i, :len(p)], mask[i, :len(p)] = p, 1
   np.testing.assert_array_equal(sampling.generate(model, right, 5, prompt_mask=mask), batch)
-
-
-def test_sliding_window_uses_a_rolling_cache():
-  cfg = tiny_config(num_layers=2, sliding_window=3)
-  model = build(cfg, seed=6)
-  state = sampling.prefill(model, [[1, 5, 6, 7, 8]], 6)
-  assert state.cache.size == 3  # window slots, not prompt + new tokens
-  expected = greedy_without_cache(model, [1, 5, 6, 7, 8], 6)
-  assert np.asarray(sampling.decode(model, state).tokens)[0].tolist() == expected
 
 
 def test_sampling_is_reproducible_with_a_key():

@@ -197,9 +197,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
                                                r".*checkpoints/3"):
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
-  monkeypatch.setattr(optim, "learning_rate_schedule", real)
-  summary = train.train_and_evaluate(config, str(tmp_path))  # resumes from the intact checkpoint
-  assert summary["start_step"] == 3 and summary["step"] == 6 and np.isfinite(summary["eval_loss"])
+  state = restore_state(tmp_path / "checkpoints" / "3")  # intact, finite, restorable
+  assert int(state["step"]) == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
 
 # ------------------------------------------------------------------------------- processes and signals
@@ -250,6 +249,7 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(corpus, tmp_path):
   parameters are bit-identical, and so is metrics.jsonl's list of steps."""
   ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
   reference = _run_py(ref, corpus)
+  _wait_for_checkpoint(ref, reference)  # its programs are compiled and cached: the other runs reuse them
   first = _run_py(run, corpus)
   _wait_for_checkpoint(run, first)
   first.send_signal(signal.SIGKILL)
@@ -278,17 +278,18 @@ def test_resume_after_sigkill_and_sigterm_is_bit_exact(corpus, tmp_path):
 @pytest.mark.slow
 def test_default_run_end_to_end(tmp_path):
   """`python run.py` (configs/tiny.py: real tokenizer, stdlib corpus, wandb offline) with fewer steps."""
-  out = subprocess.run([sys.executable, "run.py", f"--workdir={tmp_path}", "--config.train.steps=40",
-                        "--config.train.eval_every=20", "--config.train.checkpoint_every=20",
+  out = subprocess.run([sys.executable, "run.py", f"--workdir={tmp_path}", "--config.train.steps=24",
+                        "--config.train.batch_size=4", "--config.train.seq_len=64", "--config.train.warmup_steps=4",
+                        "--config.train.eval_every=12", "--config.train.checkpoint_every=12",
                         "--config.train.sample_tokens=8", "--config.logging.progress=False"],
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   import re
-  found = re.search(r"held-out perplexity: ([\d,.]+) at step 0 -> ([\d,.]+) at step 40", out.stdout)
+  found = re.search(r"held-out perplexity: ([\d,.]+) at step 0 -> ([\d,.]+) at step 24", out.stdout)
   assert found, out.stdout
   start, end = (float(x.replace(",", "")) for x in found.groups())
   assert end < start / 10, found.group(0)
   assert (tmp_path / "training.png").stat().st_size > 10_000
-  assert (tmp_path / "checkpoints" / "40" / "state").is_dir()
+  assert (tmp_path / "checkpoints" / "24" / "state").is_dir()
   assert list((tmp_path / "wandb").glob("offline-run-*"))
   assert "sample (greedy" in out.stdout

@@ -45,7 +45,7 @@ def routing_counts(model, docs, num_experts: int, seq_len: int):
   tok = ByteTokenizer()
   by_task, by_class = {}, {}
   for task, text in docs:
-    ids = tok.encode(text)[:seq_len]
+    ids = tok.encode(text, bos=False)[:seq_len]
     out = model(jnp.asarray([ids], jnp.int32))
     experts = np.asarray(out.router.experts[:, 0])  # [L, T, k]
     layers = experts.shape[0]
