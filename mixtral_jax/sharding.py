@@ -4,9 +4,10 @@ Every parameter carries logical axis names (`logical_axes=(...)`, see layers.nor
 maps each logical name to mesh axes. The mesh has four named axes, outermost first:
 
   data    pure data parallelism: parameters replicated, batch split
-  fsdp    batch split *and* non-expert weights split on `embed` (gathered just in time by XLA)
-  expert  expert weights split on `expert`; tokens travel to them (mixtral_jax.expert_parallel)
-  tensor  attention heads and the expert FFN width split (Megatron-style)
+  fsdp    batch split, and every weight's `embed` axis (XLA gathers a layer's weights just in time)
+  expert  expert weights split on `expert`, tokens travel to them (mixtral_jax.expert_parallel); also
+          splits the batch and the other weights' `embed` (an expert weight's `expert` takes it first)
+  tensor  attention heads, the expert FFN width and the vocabulary split (Megatron-style)
 
 Sizes come from `config.mesh` (-1 = all remaining devices). `tensor` is innermost because it talks most.
 Activations are constrained only inside `use_mesh(...)`; outside it `constrain` is the identity, so the
@@ -227,14 +228,6 @@ def init_model(config, seed: int, mesh: Mesh, rules: Mapping[str, tuple]):
   nnx.replace_by_pure_dict(state, values)
   nnx.update(model, state)
   return model
-
-
-def model_from_params_sharded(config, params: dict, mesh: Mesh, rules: Mapping[str, tuple]):
-  """Like model.from_params, but each tensor goes straight to its shards (host numpy -> devices)."""
-  from mixtral_jax.model import from_params
-  abstract = abstract_state(config, mesh, rules)
-  placed = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a, s.dtype), s.sharding), params, abstract)
-  return from_params(config, placed)
 
 
 def mesh_from_config(config) -> tuple:
