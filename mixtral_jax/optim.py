@@ -1,6 +1,11 @@
 """The optimizer, built from `config.train`: AdamW, warmup + cosine/linear decay, global-norm clipping,
 weight decay only on matrices, and freezing (the router, a subset of experts) as multiplicative masks.
 
+`adamw` does all of it in one elementwise pass per tensor (after the clipping norm's one read of the
+gradients): the arithmetic of optax.chain(clip_by_global_norm, adamw(mask=...)) (tested equal), without
+that chain's intermediate trees, which roughly double the memory traffic of an update (on 214M float32
+parameters, 2 CPU cores: 0.36 s for the optax chain, 0.20 s fused).
+
 Freezing masks both the gradient (so frozen tensors do not count in the clipping norm) and the final
 update (so AdamW's weight decay cannot move them either). A mask is per leaf: 0/1 scalars for whole
 tensors, or [1, E, 1, 1] for per-expert freezing of the [L, E, ...] expert weights (and of LoRA adapters
@@ -9,7 +14,7 @@ over microbatches), so one optimizer update is one step.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -81,29 +86,59 @@ def freeze_mask(params, *, freeze_router: bool, frozen_experts: tuple[int, ...],
   return jax.tree_util.tree_map_with_path(mask, params)
 
 
-def scale_by_mask(mask) -> optax.GradientTransformation:
-  """Multiplies each update leaf by its mask (a no-op where the mask is the float 1.0)."""
-  def update_fn(updates, state, params=None):
-    del params
-    scaled = jax.tree.map(lambda u, m: u if isinstance(m, float) and m == 1.0 else (u * m).astype(u.dtype),
-                          updates, mask)
-    return scaled, state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+class AdamWState(NamedTuple):
+  count: jax.Array  # [] int32: updates applied so far (the schedule's step)
+  mu: Any           # first moments, shaped like the parameters
+  nu: Any           # second moments
+
+
+def adamw(schedule: optax.Schedule, *, b1: float, b2: float, eps: float, weight_decay: float, decay: Any,
+          clip_norm: float = 0.0, freeze: Optional[Any] = None) -> optax.GradientTransformation:
+  """AdamW (Loshchilov & Hutter 2019) with global-norm clipping and freeze masks, fused per tensor.
+
+  decay: a tree of bools like the params (weight decay where True). freeze: None, or per-leaf
+  multiplicative masks (freeze_mask): frozen gradients count neither in the clipping norm nor in the
+  moments, and frozen entries get a zero update (no decay either). clip_norm 0 disables clipping.
+  """
+  def init(params):
+    return AdamWState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.zeros_like, params),
+                      jax.tree.map(jnp.zeros_like, params))
+
+  def update(grads, state, params):
+    if freeze is not None:
+      grads = jax.tree.map(lambda g, m: g * m, grads, freeze)
+    scale = 1.0
+    if clip_norm > 0:
+      norm = optax.global_norm(grads)
+      scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+    lr = schedule(state.count)
+    count = state.count + 1
+    correct1, correct2 = 1 - b1 ** count.astype(jnp.float32), 1 - b2 ** count.astype(jnp.float32)
+
+    def leaf(g, mu, nu, p, decays, mask):
+      g = g * scale.astype(g.dtype) if clip_norm > 0 else g
+      mu = (1 - b1) * g + b1 * mu
+      nu = (1 - b2) * g * g + b2 * nu
+      u = (mu / correct1) / (jnp.sqrt(nu / correct2) + eps)
+      if decays and weight_decay:
+        u = u + weight_decay * p
+      u = -lr * u
+      return (u if mask is None else u * mask).astype(p.dtype), mu, nu
+
+    masks = freeze if freeze is not None else jax.tree.map(lambda _: None, params)
+    out = jax.tree.map(leaf, grads, state.mu, state.nu, params, decay, masks,
+                       is_leaf=lambda x: x is None)
+    pick = lambda i: jax.tree.map(lambda _, o: o[i], params, out)  # noqa: E731
+    return pick(0), AdamWState(count, pick(1), pick(2))
+
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(train, params, *, num_experts: int):
   """(optax transformation, learning-rate schedule) for the trainable tree `params`."""
   schedule = learning_rate_schedule(train)
   frozen = parse_experts(train.freeze_experts, num_experts)
-  mask = freeze_mask(params, freeze_router=train.freeze_router, frozen_experts=frozen,
-                     num_experts=num_experts)
-  parts = []
-  if mask is not None:
-    parts.append(scale_by_mask(mask))
-  if train.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(train.clip_norm))
-  parts.append(optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps,
-                           weight_decay=train.weight_decay, mask=decay_mask(params)))
-  if mask is not None:
-    parts.append(scale_by_mask(mask))
-  return optax.chain(*parts), schedule
+  freeze = freeze_mask(params, freeze_router=train.freeze_router, frozen_experts=frozen,
+                       num_experts=num_experts)
+  return adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay,
+               decay=decay_mask(params), clip_norm=train.clip_norm, freeze=freeze), schedule

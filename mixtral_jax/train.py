@@ -186,8 +186,13 @@ def make_train_step(setup: Setup, train_cfg, optimizer, schedule):
       (_, extras), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], mb, micro_key)
       return jax.tree.map(jnp.add, grads, g), extras
 
-    zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    grads, (nll, aux, moe, router) = jax.lax.scan(accumulate, zeros, (micro, jax.random.split(key, accum)))
+    micro_keys = jax.random.split(key, accum)
+    if accum == 1:  # no zero-filled gradient tree to add into (a full pass over the parameters' size)
+      (_, extras), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, micro_keys[0])
+      nll, aux, moe, router = jax.tree.map(lambda x: x[None], extras)  # [1, ...] as the scan stacks them
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, state["params"])
+      grads, (nll, aux, moe, router) = jax.lax.scan(accumulate, zeros, (micro, micro_keys))
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     moe = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe)  # [L] / [L, E] averaged over microbatches
