@@ -94,8 +94,10 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, segment_ids, cache=None):
     """x [B, T, D]; positions, segment_ids [B, T].
 
-    cache: None, or (k [B, S, K, Dh], v [B, S, K, Dh], k_pos [B, S], k_seg [B, S], slots [T]) where
-    k_pos/k_seg already describe the cache *after* this step's write and `slots` are the slots written.
+    cache: None, or (k [B, S, K, Dh], v [B, S, K, Dh], k_pos [B, S], k_seg [B, S], old_pos [B, S],
+    old_seg [B, S], slots [T], fresh) where k_pos/k_seg already describe the cache *after* this step's
+    write, old_pos/old_seg before it, `slots` are the slots written and `fresh` (a Python bool) says
+    the cache held nothing before this call.
     Returns (y [B, T, D], (k, v) updated cache or None).
     """
     dt = self.dtype
@@ -111,7 +113,7 @@ class Attention(nnx.Module):
       out = dot_product_attention(q, k, v, mask)
       new_cache = None
     else:
-      k_cache, v_cache, k_pos, k_seg, old_pos, old_seg, slots = cache
+      k_cache, v_cache, k_pos, k_seg, old_pos, old_seg, slots, fresh = cache
       if q.shape[1] == 1:
         # Decode: write first, then attend over the cache (a rolling cache of `window` slots loses only
         # the key that just left the window).
@@ -122,11 +124,14 @@ class Attention(nnx.Module):
       else:
         # Prefill / chunk: attend over [old cache ; new keys], then write. Correct even when a rolling
         # cache is shorter than the chunk, where writing first would overwrite keys still in the window.
-        keys = jnp.concatenate([k_cache.astype(dt), k], axis=1)  # [B, S + T, K, Dh]
-        values = jnp.concatenate([v_cache.astype(dt), v], axis=1)
-        mask = attention_mask(positions, jnp.concatenate([old_pos, positions], axis=1),
-                              segment_ids, jnp.concatenate([old_seg, segment_ids], axis=1),
-                              self.sliding_window)
+        # A fresh cache holds nothing: the new keys alone are attended over.
+        keys, values, key_pos, key_seg = k, v, positions, segment_ids
+        if not fresh:
+          keys = jnp.concatenate([k_cache.astype(dt), k], axis=1)  # [B, S + T, K, Dh]
+          values = jnp.concatenate([v_cache.astype(dt), v], axis=1)
+          key_pos = jnp.concatenate([old_pos, positions], axis=1)  # [B, S + T]
+          key_seg = jnp.concatenate([old_seg, segment_ids], axis=1)
+        mask = attention_mask(positions, key_pos, segment_ids, key_seg, self.sliding_window)
         out = dot_product_attention(q, keys, values, mask)
         keep = slots.shape[0]  # the last min(T, S) tokens are the ones a cache of S slots can hold
         k_cache = k_cache.at[:, slots].set(k[:, -keep:].astype(k_cache.dtype))

@@ -29,13 +29,15 @@ class KVCache:
   """Preallocated keys/values for all layers. S slots; a sliding-window model may use S = window (rolling).
 
   pos/seg describe each slot (seg 0 = empty); `index` counts tokens written so far, the next slot is
-  index % S.
+  index % S. `fresh` (static) marks a cache nothing was written to yet (KVCache.init): its prefill
+  attends over the new tokens alone instead of [empty slots ; new tokens].
   """
   k: jax.Array      # [L, B, S, K, Dh]
   v: jax.Array      # [L, B, S, K, Dh]
   pos: jax.Array    # [B, S] int32
   seg: jax.Array    # [B, S] int32
   index: jax.Array  # [] int32
+  fresh: bool = struct.field(pytree_node=False, default=False)
 
   @classmethod
   def init(cls, config: ModelConfig, batch: int, size: int, dtype=None) -> "KVCache":
@@ -43,7 +45,7 @@ class KVCache:
     dtype = dtype or config.jnp_dtype
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                pos=jnp.zeros((batch, size), jnp.int32), seg=jnp.zeros((batch, size), jnp.int32),
-               index=jnp.zeros((), jnp.int32))
+               index=jnp.zeros((), jnp.int32), fresh=True)
 
   @property
   def size(self) -> int:
@@ -121,7 +123,7 @@ class Mixtral(nnx.Module):
       slots = (cache.index + t - keep + jnp.arange(keep, dtype=jnp.int32)) % cache.size  # [keep]
       new_pos = cache.pos.at[:, slots].set(positions[:, -keep:])
       new_seg = cache.seg.at[:, slots].set(segment_ids[:, -keep:])
-      shared = (new_pos, new_seg, cache.pos, cache.seg, slots)
+      shared = (new_pos, new_seg, cache.pos, cache.seg, slots, cache.fresh)
 
     graphdef, layer_state = nnx.split(self.layers)
     keys = None if key is None else jax.random.split(key, cfg.num_layers)

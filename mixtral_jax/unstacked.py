@@ -58,7 +58,7 @@ class UnstackedMixtral(nnx.Module):
       slots = (cache.index + t - keep + jnp.arange(keep, dtype=jnp.int32)) % cache.size  # [keep]
       new_pos = cache.pos.at[:, slots].set(positions[:, -keep:])
       new_seg = cache.seg.at[:, slots].set(segment_ids[:, -keep:])
-      shared = (new_pos, new_seg, cache.pos, cache.seg, slots)
+      shared = (new_pos, new_seg, cache.pos, cache.seg, slots, cache.fresh)
     keys = [None] * cfg.num_layers if key is None else list(jax.random.split(key, cfg.num_layers))
     k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
     routes, stats = [], []

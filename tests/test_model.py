@@ -96,6 +96,26 @@ def test_rolling_cache_with_sliding_window():
   assert rel_err(jnp.concatenate(steps, axis=1), full) <= 1e-5
 
 
+@pytest.mark.parametrize("window, size", [(None, 16), (4, 4)])
+def test_chunked_prefill_equals_uncached_forward(window, size):
+  """Prefill in chunks of 5, 4 and 3 tokens: the first goes into a fresh cache (new keys only), the
+  others attend over [cache ; chunk]; with a 4-slot rolling cache every chunk is longer than the window's
+  remaining slots. Every chunk's logits equal the full forward pass."""
+  cfg = tiny_config(sliding_window=window)
+  model = build(cfg, seed=3)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+  full = model(tokens).logits
+  cache = KVCache.init(cfg, batch=2, size=size)
+  assert cache.fresh
+  steps = []
+  for start, stop in [(0, 5), (5, 9), (9, 12)]:
+    out = model(tokens[:, start:stop], cache=cache)
+    cache = out.cache
+    assert not cache.fresh
+    steps.append(out.logits)
+  assert rel_err(jnp.concatenate(steps, axis=1), full) <= 1e-5
+
+
 def test_packed_segments_do_not_attend_across_documents():
   cfg = tiny_config()
   model = build(cfg, seed=3)
