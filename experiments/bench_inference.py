@@ -15,7 +15,6 @@ read / that bandwidth).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,23 +29,14 @@ sys.path.insert(0, os.path.dirname(HERE))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from experiments import roofline  # noqa: E402
+from experiments import report, roofline  # noqa: E402
+from experiments.roofline import best_time  # noqa: E402
 from mixtral_jax import sampling  # noqa: E402
 from mixtral_jax.params import config_to_hf  # noqa: E402
 
 FULL = dict(vocab_size=32000, dim=512, ffn_dim=1792, num_layers=8, num_experts=8, top_k=2, num_heads=8,
             num_kv_heads=2, head_dim=64, max_positions=4096, rope_theta=1e6)
 QUICK = dict(FULL, vocab_size=4000, dim=128, ffn_dim=256, num_layers=2)
-
-
-def best_time(fn, repeats: int) -> float:
-  fn()  # warm up / compile
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def decode_bytes_per_token(cfg, context: int) -> float:
@@ -128,13 +118,13 @@ def main():
   # Prefill.
   b, t = prefill_shape
   tokens = rng.integers(1, cfg.vocab_size, (b, t)).astype(np.int32)
-  ours_s = best_time(lambda: jax.block_until_ready(
-      sampling.prefill(ours, tokens, 1, dispatch=args.prefill_dispatch)), args.repeats)
+  ours_s = best_time(lambda: sampling.prefill(ours, tokens, 1, dispatch=args.prefill_dispatch),
+                     repeats=args.repeats)
   hf_s = float("nan")
   if not args.skip_hf:
     tt = torch.as_tensor(tokens, dtype=torch.long)
     with torch.no_grad():
-      hf_s = best_time(lambda: hf(tt, use_cache=True, logits_to_keep=1), args.repeats)
+      hf_s = best_time(lambda: hf(tt, use_cache=True, logits_to_keep=1), repeats=args.repeats)
   remeasure()
   flops = prefill_flops(cfg, b, t)
   rows.append(dict(what=f"prefill B{b}xT{t}", ours_tok_s=b * t / ours_s, hf_tok_s=b * t / hf_s,
@@ -161,7 +151,7 @@ def main():
       gen = lambda k: hf.generate(tt, max_new_tokens=k, min_new_tokens=k, do_sample=False,  # noqa: E731
                                   pad_token_id=0)
       with torch.no_grad():
-        hf_step = (best_time(lambda: gen(n), args.repeats) - best_time(lambda: gen(1), args.repeats)) / (n - 1)
+        hf_step = (best_time(gen, n, repeats=args.repeats) - best_time(gen, 1, repeats=args.repeats)) / (n - 1)
     remeasure()
     row = dict(what=f"decode B{b}x{n}", ours_tok_s=b / ours_step, hf_tok_s=b / hf_step,
                ours_ms_per_step=ours_step * 1e3, hf_ms_per_step=hf_step * 1e3)
@@ -183,9 +173,6 @@ def main():
   result = dict(config=dims, roofline=peak, roofline_samples=peaks, load_avg_before=load_before, load_avg_after=os.getloadavg(),
                 ours_loaded_via=how, dispatch=dispatch, torch_threads=torch.get_num_threads(),
                 rows=rows)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".json", "w") as f:
-    json.dump(result, f, indent=1)
   lines = [f"# CPU inference vs HF transformers ({'quick' if args.quick else 'issue config'})", "",
            f"roofline in this run (best of {len(peaks)}): {peak['matmul_gflops']:.1f} GFLOP/s float32 matmul, "
            f"{peak['read_gbps']:.1f} GB/s read; 2 shared cores, load average {load_before[0]:.1f} before, "
@@ -199,9 +186,7 @@ def main():
           if "floor_ms" in r else "")
     lines.append(f"| {r['what']} | {r['ours_tok_s']:.1f} | {r['hf_tok_s']:.1f} | {r['speedup_vs_hf']:.2f}x | "
                  f"{mfu} | {ms} | {fl} |")
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  report.write_results(args.out, result, lines)
 
 
 if __name__ == "__main__":

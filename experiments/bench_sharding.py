@@ -25,6 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from experiments import report  # noqa: E402
 from experiments.roofline import measure  # noqa: E402
 from mixtral_jax import sharding  # noqa: E402
 from mixtral_jax.dispatch import expert_capacity  # noqa: E402
@@ -176,12 +177,9 @@ def main():
                  f"{c.get('all-reduce', 0) / 1e6:.2f} | {c.get('all-gather', 0) / 1e6:.2f} |")
   lines.append(f"\nLoad average at the end: {os.getloadavg()[0]:.2f} (other jobs share these cores: step times "
                "are noisy; the HLO columns are exact).")
-  with open(os.path.join(out_dir, "bench_sharding.json"), "w") as f:
-    json.dump({"roofline": roof, "rows": rows, "model_flops_per_step": step_flops,
-               "config": dict(batch=BATCH, seq=SEQ, model=str(CFG))}, f, indent=1)
-  with open(os.path.join(out_dir, "bench_sharding.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  report.write_results(os.path.join(out_dir, "bench_sharding"), {
+      "roofline": roof, "rows": rows, "model_flops_per_step": step_flops,
+      "config": dict(batch=BATCH, seq=SEQ, model=str(CFG))}, lines)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.roofline import best_time  # noqa: E402
 from mixtral_jax import dispatch_decode, sampling  # noqa: E402
 from mixtral_jax.config import ModelConfig  # noqa: E402
 from mixtral_jax.unstacked import build_unstacked  # noqa: E402
@@ -40,26 +41,16 @@ DRY = dict(vocab_size=512, dim=64, num_layers=1, num_heads=4, num_kv_heads=2, he
 GOALS = {"decode_bf16": ("tok_s", 140), "decode_int8": ("tok_s", 230), "prefill": ("mfu", 0.60)}
 
 
-def timed(fn, repeats: int) -> float:
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
-
-
 def roofline(args) -> dict:
   n = 8192 if not args.dry_run else 256
   a = jnp.ones((n, n), jnp.bfloat16)
   mm = jax.jit(lambda a: a @ a)
-  t = timed(lambda: mm(a).block_until_ready(), 3)
+  t = best_time(mm, a, repeats=3)
   rows = 65536 if not args.dry_run else 1024
   w = jax.random.normal(jax.random.key(0), (rows, 8192 if not args.dry_run else 256), jnp.bfloat16)
   x = jnp.ones((w.shape[1],), jnp.bfloat16)
   mv = jax.jit(lambda w, x: w @ x)
-  t_mv = timed(lambda: mv(w, x).block_until_ready(), 5)
+  t_mv = best_time(mv, w, x, repeats=5)
   return {"matmul_tflops": 2 * n ** 3 / t / 1e12, "read_gbps": w.size * 2 / t_mv / 1e9}
 
 
@@ -104,7 +95,7 @@ def prefill(args, cfg, peak) -> dict:
   model = build_unstacked(cfg, seed=0)
   b, t = (1, 2048) if not args.dry_run else (1, 32)
   tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, (b, t)).astype(np.int32)
-  secs = timed(lambda: jax.block_until_ready(sampling.prefill(model, tokens, 1)), args.repeats)
+  secs = best_time(sampling.prefill, model, tokens, 1, repeats=args.repeats)
   d, l = cfg.dim, cfg.num_layers
   per_token = l * (d * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + cfg.top_k * 3 * d * cfg.ffn_dim)
   flops = 2 * per_token * b * t + l * 4 * cfg.num_heads * cfg.head_dim * b * t * (t + 1) / 2 + 2 * b * d * cfg.vocab_size

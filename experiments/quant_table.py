@@ -10,7 +10,6 @@ perplexity is mixtral_jax.evaluate.perplexity on the same windows for float32 an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import numpy as np  # noqa: E402
 
+from experiments import report  # noqa: E402
 from mixtral_jax import quant  # noqa: E402
 from mixtral_jax.evaluate import perplexity  # noqa: E402
 from mixtral_jax.tokenizer import Tokenizer  # noqa: E402
@@ -66,10 +66,6 @@ def main(argv=None):
   for r in rows:
     r["ppl_change"] = r["perplexity"] / base["perplexity"] - 1
     r["bytes_vs_float32"] = r["total_bytes"] / base["total_bytes"]
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out + ".json", "w") as f:
-    json.dump(dict(checkpoint=os.path.abspath(args.checkpoint), text=args.text, seq_len=args.seq_len,
-                   rows=rows), f, indent=1)
   lines = [f"# Quantization: weight bytes and held-out perplexity ({args.checkpoint})", "",
            f"{base['tokens']} held-out tokens from {os.path.basename(args.text)}, windows of {args.seq_len}.", "",
            "| level | attention + expert bytes | all weights | vs float32 | perplexity | change |",
@@ -77,9 +73,8 @@ def main(argv=None):
   for r in rows:
     lines.append(f"| {r['level']} | {r['quantized_bytes'] / 1e6:.2f} MB | {r['total_bytes'] / 1e6:.2f} MB | "
                  f"{r['bytes_vs_float32']:.2f}x | {r['perplexity']:.3f} | {r['ppl_change']:+.2%} |")
-  with open(args.out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  report.write_results(args.out, dict(checkpoint=os.path.abspath(args.checkpoint), text=args.text,
+                                      seq_len=args.seq_len, rows=rows), lines)
 
 
 if __name__ == "__main__":

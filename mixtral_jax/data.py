@@ -88,24 +88,30 @@ def split_text(text: str, chunk_chars: int) -> list[str]:
   return [p for p in pieces if p.strip()]
 
 
-def _read_jsonl(path: str, group_start: int) -> list[Document]:
-  docs = []
+def jsonl_records(path: str):
+  """(line number, parsed JSON) for every non-blank line of `path`; a malformed line raises DataError
+  naming file and line."""
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
       try:
-        record = json.loads(line)
+        yield number, json.loads(line)
       except json.JSONDecodeError as e:
         raise DataError(f"{path}:{number}: malformed JSONL line ({e.msg})") from None
-      if isinstance(record, dict) and isinstance(record.get("text"), str):
-        docs.append(Document(record["text"], group=group_start + number))
-      elif (isinstance(record, dict) and isinstance(record.get("prompt"), str)
-            and isinstance(record.get("completion"), str)):
-        docs.append(Document(record["completion"], prompt=record["prompt"], group=group_start + number))
-      else:
-        raise DataError(f'{path}:{number}: a JSONL record needs a "text" string or "prompt" and '
-                        f'"completion" strings')
+
+
+def _read_jsonl(path: str, group_start: int) -> list[Document]:
+  docs = []
+  for number, record in jsonl_records(path):
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+      docs.append(Document(record["text"], group=group_start + number))
+    elif (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+          and isinstance(record.get("completion"), str)):
+      docs.append(Document(record["completion"], prompt=record["prompt"], group=group_start + number))
+    else:
+      raise DataError(f'{path}:{number}: a JSONL record needs a "text" string or "prompt" and '
+                      f'"completion" strings')
   return docs
 
 

@@ -127,24 +127,18 @@ def perplexity(model, batches: Iterable[Mapping]) -> dict:
 def read_choice_items(path: str) -> list:
   """JSONL of {"context": str, "choices": [str, ...], "gold": int}; errors name the file and line."""
   from mixtral_jax.config import ConfigError
+  from mixtral_jax.data import jsonl_records
   if not os.path.isfile(path):
     raise ConfigError(f"config.eval.data: file not found: {path}")
   items = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        item = json.loads(line)
-        ok = (isinstance(item.get("context"), str) and isinstance(item.get("choices"), list)
-              and len(item["choices"]) >= 2 and all(isinstance(c, str) for c in item["choices"])
-              and isinstance(item.get("gold"), int) and 0 <= item["gold"] < len(item["choices"]))
-      except (json.JSONDecodeError, AttributeError):
-        ok = False
-      if not ok:
-        raise ConfigError(f"{path}:{number}: expected {{\"context\": str, \"choices\": [>= 2 str], "
-                          f"\"gold\": index}}")
-      items.append(item)
+  for number, item in jsonl_records(path):
+    ok = (isinstance(item, dict) and isinstance(item.get("context"), str) and isinstance(item.get("choices"), list)
+          and len(item["choices"]) >= 2 and all(isinstance(c, str) for c in item["choices"])
+          and isinstance(item.get("gold"), int) and 0 <= item["gold"] < len(item["choices"]))
+    if not ok:
+      raise ConfigError(f"{path}:{number}: expected {{\"context\": str, \"choices\": [>= 2 str], "
+                        f"\"gold\": index}}")
+    items.append(item)
   if not items:
     raise ConfigError(f"{path}: no items")
   return items

@@ -10,14 +10,11 @@ save_model), a quantized checkpoint (quant.save_quantized), or an HF directory (
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 import sys
 import time
 
 import jax
-import numpy as np
 
 from mixtral_jax import quant as quant_lib
 from mixtral_jax import sampling
@@ -27,19 +24,27 @@ from mixtral_jax.planner import format_plan, plan
 
 
 def load_hf_dir(path: str, dtype: str = "float32"):
-  """An HF Mixtral directory (config.json + one or more .safetensors files) -> Mixtral."""
-  from safetensors import safe_open
+  """An HF Mixtral directory (config.json + *.safetensors, sharded or not) -> Mixtral, through the
+  converter's reader (sources.py): the same layouts and the same checks, tensor by tensor."""
+  from mixtral_jax import sources
   from mixtral_jax.model import from_params
-  from mixtral_jax.params import config_from_hf, from_hf
-  with open(os.path.join(path, "config.json")) as f:
-    cfg = config_from_hf(json.load(f), param_dtype=dtype, dtype=dtype)
-  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-  if not files:
-    raise ConfigError(f"config.checkpoint={path} has config.json but no .safetensors files")
-  handles = [safe_open(f, framework="numpy") for f in files]
-  where = {name: h for h in handles for name in h.keys()}
-  params = from_hf(lambda name: where[name].get_tensor(name), list(where), cfg, dtype=np.float32)
+  source = sources.open_source(path, "hf")
+  try:
+    cfg = source.config.replace(param_dtype=dtype, dtype=dtype)
+    params = sources.read_tree(source, cfg.jnp_param_dtype)
+  finally:
+    source.close()
   return from_params(cfg, params)
+
+
+def _user_error(load):
+  """Runs load(); a CheckpointError (a bad file, named in its message) becomes the ConfigError run.py
+  reports as one line."""
+  from mixtral_jax.formats import CheckpointError
+  try:
+    return load()
+  except CheckpointError as e:
+    raise ConfigError(f"config.checkpoint: {e}") from None
 
 
 def load_for_inference(config):
@@ -56,14 +61,10 @@ def load_for_inference(config):
   elif quant_lib.is_quantized_checkpoint(path):
     model = quant_lib.load_quantized(path)
   elif os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "config")):
-    try:
-      from mixtral_jax import checkpoint  # issue 3's converter format
-    except ImportError:
-      raise ConfigError(f"config.checkpoint={path} is a mixtral_jax checkpoint but mixtral_jax.checkpoint "
-                        "is not available in this tree") from None
-    model = checkpoint.load_model(path, dtype=dtype)
+    from mixtral_jax import checkpoint
+    model = _user_error(lambda: checkpoint.load_model(path, dtype=dtype))
   elif os.path.isfile(os.path.join(path, "config.json")):
-    model = load_hf_dir(path, dtype)
+    model = _user_error(lambda: load_hf_dir(path, dtype))
   else:
     raise ConfigError(f"config.checkpoint={path} holds no checkpoint (no params/, quantized.json or config.json)")
   if config.quant and config.quant != "none":

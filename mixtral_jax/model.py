@@ -61,6 +61,49 @@ class ModelOutput:
   hidden: Optional[jax.Array] = None  # [B, T, D] final normed hidden states
 
 
+# The parts of a forward pass around the layers, shared by Mixtral (scanned layers) and
+# unstacked.UnstackedMixtral (a Python loop over layers), so both read and write caches identically.
+
+def prepare_inputs(cfg: ModelConfig, tokens, positions, segment_ids, cache: Optional[KVCache]):
+  """int32 positions [B, T] (default: arange continuing from the cache) and segment_ids [B, T] (default
+  1), and, with a cache, the slot update every layer's attention applies:
+  (new pos [B, S], new seg [B, S], old pos, old seg, slots [keep], cache.fresh) -- None without a cache."""
+  b, t = tokens.shape
+  if cache is not None:
+    require_causal(cfg.router)  # expert_choice cannot decode token by token
+  start = 0 if cache is None else cache.index
+  if positions is None:
+    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, t), jnp.int32)
+  positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+  if cache is None:
+    return positions, segment_ids, None
+  keep = min(t, cache.size)  # a rolling cache smaller than the chunk keeps only the chunk's last tokens
+  slots = (cache.index + t - keep + jnp.arange(keep, dtype=jnp.int32)) % cache.size  # [keep]
+  new_pos = cache.pos.at[:, slots].set(positions[:, -keep:])
+  new_seg = cache.seg.at[:, slots].set(segment_ids[:, -keep:])
+  return positions, segment_ids, (new_pos, new_seg, cache.pos, cache.seg, slots, cache.fresh)
+
+
+def embed_tokens(embed, tokens, dtype):
+  return jnp.take(embed, tokens, axis=0).astype(dtype)  # [V, D] -> [B, T, D]
+
+
+def output_head(final_norm, lm_head, x, dtype):
+  """Final RMSNorm and LM head: (hidden [B, T, D], float32 logits [B, T, V])."""
+  hidden = final_norm(x)
+  logits = jnp.einsum("btd,dv->btv", hidden, lm_head.astype(dtype),
+                      preferred_element_type=jnp.float32)  # [B, T, V]
+  return hidden, logits
+
+
+def advance_cache(cache: KVCache, k, v, slot_update, t: int) -> KVCache:
+  """The cache after t new tokens: the layers' new keys/values k, v [L, B, S, K, Dh] and the slot
+  update from prepare_inputs."""
+  return KVCache(k=k, v=v, pos=slot_update[0], seg=slot_update[1], index=cache.index + t)
+
+
 class DecoderLayer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
@@ -105,25 +148,9 @@ class Mixtral(nnx.Module):
     segment_ids [B, T] default to 1 (0 marks padding). With a cache, the new tokens' keys/values are
     written to it and the updated cache is returned in the output."""
     cfg = self.config
-    b, t = tokens.shape
-    if cache is not None:
-      require_causal(cfg.router)  # expert_choice cannot decode token by token
-    start = 0 if cache is None else cache.index
-    if positions is None:
-      positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, t), jnp.int32)
-    positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
-
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)  # [B, T, D]
+    positions, segment_ids, shared = prepare_inputs(cfg, tokens, positions, segment_ids, cache)
+    x = embed_tokens(self.embed[...], tokens, cfg.jnp_dtype)  # [B, T, D]
     x = constrain(x, ("batch", "seq", "act_embed"))  # a no-op outside sharding.use_mesh
-    shared = None
-    if cache is not None:
-      keep = min(t, cache.size)
-      slots = (cache.index + t - keep + jnp.arange(keep, dtype=jnp.int32)) % cache.size  # [keep]
-      new_pos = cache.pos.at[:, slots].set(positions[:, -keep:])
-      new_seg = cache.seg.at[:, slots].set(segment_ids[:, -keep:])
-      shared = (new_pos, new_seg, cache.pos, cache.seg, slots, cache.fresh)
 
     graphdef, layer_state = nnx.split(self.layers)
     keys = None if key is None else jax.random.split(key, cfg.num_layers)
@@ -149,13 +176,9 @@ class Mixtral(nnx.Module):
         outs.append(out)
       route, stats, new_kv = jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-    hidden = self.final_norm(x)
-    logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(cfg.jnp_dtype),
-                        preferred_element_type=jnp.float32)  # [B, T, V]
+    hidden, logits = output_head(self.final_norm, self.lm_head[...], x, cfg.jnp_dtype)
     logits = constrain(logits, ("batch", "seq", "act_vocab"))
-    new_cache = None
-    if cache is not None:
-      new_cache = KVCache(k=new_kv[0], v=new_kv[1], pos=shared[0], seg=shared[1], index=cache.index + t)
+    new_cache = None if cache is None else advance_cache(cache, new_kv[0], new_kv[1], shared, tokens.shape[1])
     return ModelOutput(logits=logits, router=route, moe_stats=stats, cache=new_cache,
                        hidden=hidden if return_hidden else None)
 

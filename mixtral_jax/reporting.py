@@ -4,6 +4,11 @@ expert load at the end.
 
 A metrics record is a flat dict of JSON values; per-layer MoE metrics are lists ([L] or [L, E]). wandb gets
 them flattened to scalars (`moe/expert_load/layer0/expert3`).
+
+In a multi-process run every process runs the same training loop and holds the same (globally reduced)
+metrics, so only process 0 writes: otherwise N processes would append N copies to one metrics.jsonl on a
+shared workdir, start N wandb runs and race on training.png. The others call the same methods, which do
+nothing.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import math
 import os
 from typing import Optional
 
+import jax
 import numpy as np
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -26,6 +32,11 @@ def to_json(value):
   if isinstance(number, float) and not math.isfinite(number):
     return str(number)
   return number
+
+
+def writes_here() -> bool:
+  """Whether this process writes reports (process 0 of a multi-process run; always in a single one)."""
+  return jax.process_index() == 0
 
 
 def flatten(record: dict) -> dict:
@@ -47,22 +58,25 @@ class MetricsWriter:
   """Appends records to WORKDIR/metrics.jsonl and mirrors them to wandb.
 
   On resume the file keeps only records up to the restored step, so a killed-and-restarted run leaves the
-  same file an uninterrupted one would.
+  same file an uninterrupted one would. On processes other than 0 it writes nothing (module docstring).
   """
 
   def __init__(self, workdir: str, logging_config, run_config: dict, *, resume_step: int = 0):
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self.wandb = None
+    mode = logging_config.wandb
+    if mode not in WANDB_MODES:  # checked on every process: a bad config fails everywhere alike
+      from mixtral_jax.config import ConfigError
+      raise ConfigError(f"config.logging.wandb={mode!r} is not one of {', '.join(WANDB_MODES)}")
+    self.enabled = writes_here()
+    if not self.enabled:
+      return
     if resume_step and os.path.exists(self.path):
       keep = [line for line in open(self.path) if line.strip() and json.loads(line).get("step", 0) <= resume_step]
       with open(self.path, "w") as f:
         f.writelines(keep)
     elif os.path.exists(self.path) and not resume_step:
       os.remove(self.path)
-    self.wandb = None
-    mode = logging_config.wandb
-    if mode not in WANDB_MODES:
-      from mixtral_jax.config import ConfigError
-      raise ConfigError(f"config.logging.wandb={mode!r} is not one of {', '.join(WANDB_MODES)}")
     if mode != "disabled":
       os.environ.setdefault("WANDB_SILENT", "true")
       import wandb
@@ -71,6 +85,8 @@ class MetricsWriter:
                               settings=wandb.Settings(console="off"))
 
   def write(self, step: int, record: dict) -> None:
+    if not self.enabled:
+      return
     record = {"step": int(step), **{k: to_json(v) for k, v in record.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
@@ -100,13 +116,20 @@ def summary_lines(step: int, metrics: dict, eval_loss: Optional[float]) -> list[
 
 
 def read_metrics(path: str) -> list[dict]:
+  """The records of a metrics.jsonl; none when it does not exist (nothing written yet, or a process other
+  than 0 whose workdir is not the shared one)."""
+  if not os.path.exists(path):
+    return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_training(metrics_path: str, out_path: str) -> Optional[str]:
   """Loss (train and held-out) over steps, and one panel per layer with every expert's load fraction over
-  steps (a balanced router keeps every line near 1 / E, the dashed line)."""
+  steps (a balanced router keeps every line near 1 / E, the dashed line). Returns the path written, None
+  when there is nothing to plot or this is not process 0."""
+  if not writes_here():
+    return None
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

@@ -293,3 +293,16 @@ def stream_tree(source: Source, dtype) -> Dict[str, Any]:
           },
       },
   }
+
+
+def read_tree(source: Source, dtype) -> Dict[str, Any]:
+  """stream_tree(source, dtype) read into memory: the same tree with np.ndarray leaves (for loading a
+  source directly into a model; the converter streams instead). Peak: the result plus one block."""
+  def fill(leaf):
+    if isinstance(leaf, dict):
+      return {k: fill(v) for k, v in leaf.items()}
+    out = np.empty(leaf.shape, leaf.dtype)
+    for index, block in leaf.blocks():
+      out[index] = block
+    return out
+  return fill(stream_tree(source, dtype))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mixtral_jax.dispatch_decode import ExpertList
-from mixtral_jax.model import KVCache, ModelOutput
+from mixtral_jax.model import KVCache, ModelOutput, advance_cache, embed_tokens, output_head, prepare_inputs
 from mixtral_jax.quant import QTensor, take_expert
 
 
@@ -44,21 +44,8 @@ class UnstackedMixtral(nnx.Module):
                train: bool = False, key=None, return_hidden: bool = False) -> ModelOutput:
     """Same arguments and result as Mixtral.__call__."""
     cfg = self.config
-    b, t = tokens.shape
-    start = 0 if cache is None else cache.index
-    if positions is None:
-      positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, t), jnp.int32)
-    positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.jnp_dtype)  # [B, T, D]
-    shared = None
-    if cache is not None:
-      keep = min(t, cache.size)
-      slots = (cache.index + t - keep + jnp.arange(keep, dtype=jnp.int32)) % cache.size  # [keep]
-      new_pos = cache.pos.at[:, slots].set(positions[:, -keep:])
-      new_seg = cache.seg.at[:, slots].set(segment_ids[:, -keep:])
-      shared = (new_pos, new_seg, cache.pos, cache.seg, slots, cache.fresh)
+    positions, segment_ids, shared = prepare_inputs(cfg, tokens, positions, segment_ids, cache)
+    x = embed_tokens(self.embed[...], tokens, cfg.jnp_dtype)  # [B, T, D]
     keys = [None] * cfg.num_layers if key is None else list(jax.random.split(key, cfg.num_layers))
     k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
     routes, stats = [], []
@@ -70,13 +57,9 @@ class UnstackedMixtral(nnx.Module):
         k_all, v_all = k_all.at[i].set(new_kv[0]), v_all.at[i].set(new_kv[1])
       routes.append(route)
       stats.append(stat)
-    hidden = self.final_norm(x)
-    logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(cfg.jnp_dtype),
-                        preferred_element_type=jnp.float32)  # [B, T, V]
+    hidden, logits = output_head(self.final_norm, self.lm_head[...], x, cfg.jnp_dtype)
     stack = lambda *a: jnp.stack(a)  # noqa: E731
-    new_cache = None
-    if cache is not None:
-      new_cache = KVCache(k=k_all, v=v_all, pos=shared[0], seg=shared[1], index=cache.index + t)
+    new_cache = None if cache is None else advance_cache(cache, k_all, v_all, shared, tokens.shape[1])
     return ModelOutput(logits=logits, router=jax.tree.map(stack, *routes), moe_stats=jax.tree.map(stack, *stats),
                        cache=new_cache, hidden=hidden if return_hidden else None)
 

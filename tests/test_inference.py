@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err, tiny_config
+from conftest import hf_model, ours_from_hf, rel_err, tiny_config
 from mixtral_jax import dispatch, dispatch_decode, quant, sampling  # noqa: F401 -- registers dispatchers
-from mixtral_jax.model import build
+from mixtral_jax.config import ConfigError
+from mixtral_jax.model import build, params_of
 from mixtral_jax.routers import topk_renormalized
 from mixtral_jax.unstacked import unstack
 
@@ -79,6 +80,27 @@ def test_generate_mode_errors_are_one_line(tmp_path):
   assert out.returncode != 0 and "holds no checkpoint" in out.stderr and "Traceback" not in out.stderr
   out = run("--config=configs/generate.py", "--config.quant=q9", "--config.model.num_layers=1")
   assert out.returncode != 0 and "config.quant='q9'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_hf_directory_loads_like_the_converter_and_bad_files_are_one_line(tmp_path):
+  """config.checkpoint=HF dir: the same parameters, bit for bit, as the in-memory HF mapping; a
+  truncated shard is a one-line error naming the file."""
+  from configs import generate
+  from mixtral_jax import inference
+  cfg = tiny_config(num_layers=2)
+  hf = hf_model(cfg, seed=2)
+  hf.save_pretrained(tmp_path / "fused", save_original_format=False)
+  got = jax.tree.map(np.asarray, params_of(inference.load_hf_dir(str(tmp_path / "fused"))))
+  jax.tree.map(np.testing.assert_array_equal, got, jax.tree.map(np.asarray, params_of(ours_from_hf(cfg, hf))))
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "config.json").write_text((tmp_path / "fused" / "config.json").read_text())
+  data = (tmp_path / "fused" / "model.safetensors").read_bytes()
+  (tmp_path / "bad" / "model.safetensors").write_bytes(data[:len(data) // 2])
+  config = generate.get_config()
+  config.checkpoint = str(tmp_path / "bad")
+  with pytest.raises(ConfigError, match="model.safetensors is truncated") as e:
+    inference.load_for_inference(config)
+  assert "\n" not in str(e.value)
 
 
 def test_plan_mode_8x7b():
