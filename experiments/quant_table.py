@@ -1,11 +1,16 @@
 """Per quant level: weight bytes and perplexity change vs float32 on held-out text, for a trained checkpoint.
 
-    python experiments/quant_table.py --checkpoint=WORKDIR/ckpt --text=heldout.txt
+    python run.py --workdir=WORKDIR                              # the default run (issue 6)
+    python experiments/quant_table.py --checkpoint=WORKDIR       # its held-out documents
+    python experiments/quant_table.py --checkpoint=CKPT --text=heldout.txt
     -> experiments/results/quant_perplexity.{json,md}
 
-The checkpoint is a mixtral_jax checkpoint (the default run of issue 6 writes one; any converted model
-works too). The text is tokenized with Mixtral's tokenizer and cut into `--seq_len` windows (BOS first);
-perplexity is mixtral_jax.evaluate.perplexity on the same windows for float32 and every level.
+--checkpoint is a training workdir (its latest weights) or a mixtral_jax checkpoint (converted or saved).
+Held-out text: by default the documents the default run held out (config.data of configs/tiny.py:
+the standard library's sources, split by eval_fraction and seed exactly as training split them), packed
+into batches as the trainer evaluates; or --text, tokenized with Mixtral's tokenizer and cut into
+`--seq_len` windows (BOS first). Perplexity is mixtral_jax.evaluate.perplexity on the same batches for
+float32 and every level.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 
 from experiments import report  # noqa: E402
-from mixtral_jax import quant  # noqa: E402
+from mixtral_jax import data, quant  # noqa: E402
 from mixtral_jax.evaluate import perplexity  # noqa: E402
 from mixtral_jax.tokenizer import Tokenizer  # noqa: E402
 
@@ -37,21 +42,37 @@ def windows(ids, seq_len: int, batch: int, limit: int):
 
 def main(argv=None):
   ap = argparse.ArgumentParser()
-  ap.add_argument("--checkpoint", required=True, help="mixtral_jax checkpoint directory")
-  ap.add_argument("--text", required=True, help="held-out text file (not seen in training)")
+  ap.add_argument("--checkpoint", required=True, help="training workdir or mixtral_jax checkpoint directory")
+  ap.add_argument("--text", default="", help="held-out text file; default: the default run's held-out documents")
   ap.add_argument("--seq_len", type=int, default=256)
   ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--max_windows", type=int, default=64)
+  ap.add_argument("--max_windows", type=int, default=64, help="held-out windows (batches x batch rows)")
   ap.add_argument("--levels", default=",".join(quant.LEVELS))
   ap.add_argument("--out", default=os.path.join(HERE, "results", "quant_perplexity"))
   args = ap.parse_args(argv)
-  from mixtral_jax import checkpoint
-  model = checkpoint.load_model(args.checkpoint, dtype="float32")
-  with open(args.text) as f:
-    ids = Tokenizer().encode(f.read(), bos=False)
-  if len(ids) < args.seq_len:
-    sys.exit(f"error: {args.text} has {len(ids)} tokens, fewer than --seq_len={args.seq_len}")
-  batches = list(windows(ids, args.seq_len, args.batch, args.max_windows))
+  from mixtral_jax.config import ConfigError
+  from mixtral_jax.model import from_params
+  from mixtral_jax.train_checkpoints import load_pretrained
+  try:
+    model = from_params(*load_pretrained(args.checkpoint, dtype="float32"))
+  except ConfigError as e:
+    sys.exit(f"error: {str(e).replace('config.checkpoint: ', '')}")
+  tokenizer = Tokenizer()
+  if args.text:
+    with open(args.text) as f:
+      ids = tokenizer.encode(f.read(), bos=False)
+    if len(ids) < args.seq_len:
+      sys.exit(f"error: {args.text} has {len(ids)} tokens, fewer than --seq_len={args.seq_len}")
+    batches = list(windows(ids, args.seq_len, args.batch, args.max_windows))
+    source = os.path.basename(args.text)
+  else:
+    from configs import tiny
+    config = tiny.get_config()
+    docs = data.read_documents(config.data.paths, config.data.chunk_chars)
+    _, held = data.split_heldout(docs, config.data.eval_fraction, config.seed)
+    batches = data.eval_batches(held, tokenizer, seq_len=args.seq_len, batch_size=args.batch,
+                                num_batches=max(1, args.max_windows // args.batch))
+    source = f"the default run's {len(held)} held-out documents ({config.data.paths})"
   rows = []
   for level in ["float32"] + args.levels.split(","):
     m = model if level == "float32" else quant.quantize_model(model, level)
@@ -67,13 +88,13 @@ def main(argv=None):
     r["ppl_change"] = r["perplexity"] / base["perplexity"] - 1
     r["bytes_vs_float32"] = r["total_bytes"] / base["total_bytes"]
   lines = [f"# Quantization: weight bytes and held-out perplexity ({args.checkpoint})", "",
-           f"{base['tokens']} held-out tokens from {os.path.basename(args.text)}, windows of {args.seq_len}.", "",
+           f"{base['tokens']:.0f} held-out tokens from {source}, windows of {args.seq_len}.", "",
            "| level | attention + expert bytes | all weights | vs float32 | perplexity | change |",
            "| --- | ---: | ---: | ---: | ---: | ---: |"]
   for r in rows:
     lines.append(f"| {r['level']} | {r['quantized_bytes'] / 1e6:.2f} MB | {r['total_bytes'] / 1e6:.2f} MB | "
                  f"{r['bytes_vs_float32']:.2f}x | {r['perplexity']:.3f} | {r['ppl_change']:+.2%} |")
-  report.write_results(args.out, dict(checkpoint=os.path.abspath(args.checkpoint), text=args.text,
+  report.write_results(args.out, dict(checkpoint=os.path.abspath(args.checkpoint), text=args.text or source,
                                       seq_len=args.seq_len, rows=rows), lines)
 
 

@@ -83,3 +83,23 @@ def test_quantized_checkpoint_round_trip(tmp_path):
 def test_unknown_level_is_an_error():
   with pytest.raises(quant.QuantError, match="quant level 'q7' is unknown"):
     quant.quantize(jnp.ones((8, 8)), "q7", 2, 1)
+
+
+def test_quant_table_reports_bytes_and_perplexity_per_level(tmp_path):
+  """experiments/quant_table.py on a saved checkpoint and a text file: one row per level, float32 first,
+  fewer bytes at every lower level, and perplexity from the same held-out windows (q8 within 1%)."""
+  import json
+  from experiments import quant_table
+  from mixtral_jax.checkpoint import save_model
+  cfg = tiny_config(vocab_size=32000, dim=32, num_heads=2, num_kv_heads=1, head_dim=16, ffn_dim=64,
+                    num_layers=1, max_positions=64)
+  save_model(str(tmp_path / "ckpt"), build(cfg, seed=4))
+  (tmp_path / "text.txt").write_text("def f(x):\n    return x * 2  # twice\n" * 40)
+  quant_table.main(["--checkpoint", str(tmp_path / "ckpt"), "--text", str(tmp_path / "text.txt"),
+                    "--seq_len", "32", "--batch", "2", "--max_windows", "4", "--levels", "q8,q4,q2",
+                    "--out", str(tmp_path / "table")])
+  rows = json.load(open(tmp_path / "table.json"))["rows"]
+  assert [r["level"] for r in rows] == ["float32", "q8", "q4", "q2"]
+  assert all(a["quantized_bytes"] > b["quantized_bytes"] for a, b in zip(rows, rows[1:]))
+  assert rows[0]["ppl_change"] == 0 and abs(rows[1]["ppl_change"]) < 0.01 and rows[0]["tokens"] == 4 * 31
+  assert "| q4 |" in (tmp_path / "table.md").read_text()
