@@ -9,7 +9,10 @@ Benches (each guarded: one failing does not lose the others' numbers; results ar
                 (bytes of weights a token must read / measured read bandwidth). Goal >= 140 tok/s.
   decode_int8   the same with q8 (int8 per-channel) attention and expert weights. Goal >= 230 tok/s.
   prefill       B1 x T2048 prefill (sorted_loop dispatch): MFU vs the measured bf16 matmul peak. Goal >= 60%.
-  (issue 6: register a 4-layer training-step slice in BENCHES below, e.g. "train_slice".)
+  train_slice   issue 6: one training step (forward + backward + AdamW, float32 master weights, bf16
+                compute) of 4 full-width layers (D4096/F14336, 8 experts top-2, vocab 32000), batch
+                4 x 2048, through train.make_train_step (bench_train's gpu_slice preset): MFU (6 x active
+                parameters + attention, per token) vs the measured bf16 matmul peak. Goal >= 45%.
 
 The model is built directly in the inference layout (unstacked.build_unstacked), one layer at a time,
 so the bf16 model (93 GB) never needs a second copy; the int8 model is built after the bf16 one is freed.
@@ -38,7 +41,8 @@ from mixtral_jax.unstacked import build_unstacked  # noqa: E402
 
 FULL = dict()  # ModelConfig defaults are Mixtral 8x7B
 DRY = dict(vocab_size=512, dim=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=16, ffn_dim=96)
-GOALS = {"decode_bf16": ("tok_s", 140), "decode_int8": ("tok_s", 230), "prefill": ("mfu", 0.60)}
+GOALS = {"decode_bf16": ("tok_s", 140), "decode_int8": ("tok_s", 230), "prefill": ("mfu", 0.60),
+         "train_slice": ("mfu", 0.45)}
 
 
 def roofline(args) -> dict:
@@ -105,11 +109,34 @@ def prefill(args, cfg, peak) -> dict:
           "mfu": flops / secs / 1e12 / peak["matmul_tflops"]}
 
 
+def train_slice(args, cfg, peak) -> dict:
+  from experiments import bench_train
+  from mixtral_jax import train
+  from mixtral_jax.config import model_config_from
+  if args.dry_run:  # the dry run's tiny dimensions, batch 2 x 32
+    slice_cfg, batch_size, seq_len = cfg.replace(param_dtype="float32"), 2, 32
+  else:
+    preset = bench_train.PRESETS["gpu_slice"]
+    slice_cfg = model_config_from({**preset["model"], "max_positions": max(4096, preset["seq_len"])})
+    batch_size, seq_len = preset["batch"], preset["seq_len"]
+  batch = bench_train.make_batch(slice_cfg, batch_size, seq_len)
+  params = train.init_model(slice_cfg, 0)[1]  # float32 master weights
+  result = bench_train.jax_run(slice_cfg, params, batch, steps=max(2, args.repeats))
+  del params
+  gc.collect()
+  step = float(np.median(result["times"]))
+  tokens = batch_size * seq_len
+  flops = bench_train.model_flops_per_token(slice_cfg, seq_len) * tokens
+  return {"tokens_per_s": tokens / step, "step_s": step, "tflops": flops / step / 1e12,
+          "mfu": flops / step / 1e12 / peak["matmul_tflops"], "compile_and_first_s": result["compile_s"],
+          "layers": slice_cfg.num_layers, "batch": f"{batch_size}x{seq_len}"}
+
+
 BENCHES = {
     "decode_bf16": lambda args, cfg, peak: decode(args, cfg, None, peak),
     "decode_int8": lambda args, cfg, peak: decode(args, cfg, "q8", peak),
     "prefill": prefill,
-    # issue 6: "train_slice": lambda args, cfg, peak: ...  (4 layers of the full model, one train step)
+    "train_slice": train_slice,
 }
 
 
