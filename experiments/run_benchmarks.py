@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 BENCHMARKS = {
     "moe": (["bench_moe.py"], "bench_moe.md", "issue 4: MoE layer fwd+bwd per dispatch strategy"),
     "inference": (["bench_inference.py"], "inference_cpu.md", "issue 5: prefill / decode vs HF"),
-    "train": (["bench_train.py"], "bench_train.md", "issue 6: train step vs HF + torch AdamW"),
+    "train": (["bench_train.py"], "bench_train_cpu.md", "issue 6: train step vs HF + torch AdamW"),
     "convert": (["bench_convert.py"], "bench_convert.md", "issue 3: streaming conversion, peak RSS"),
     "sharding": (["bench_sharding.py"], "bench_sharding.md", "issue 7: 8 simulated devices per mesh"),
     "gpu": (["gpu_bench.py"], "gpu_bench.md", "issues 5/6: full-width 8x7B on one H200"),
