@@ -19,8 +19,22 @@ def test_routing_ablation_quick(tmp_path):
     for field in ("final_eval_loss", "tokens_dropped_pct", "load_cv", "dead_experts", "step_time_ms"):
       assert row[field] != ""
     assert float(row["final_eval_loss"]) < float(row["first_eval_loss"])  # even 4 steps learn something
+    assert row["loss_seed0"] == row["final_eval_loss"] and float(row["loss_range"]) == 0  # one seed
   for name in ("loss_curves.png", "expert_load_mixtral_lb_dropless.png", "expert_load_switch_lb.png"):
     assert os.path.getsize(tmp_path / name) > 1000
+  assert "| switch_lb | switch |" in (tmp_path / "ablation.md").read_text()
+
+
+def test_routing_ablation_rows_average_over_seeds():
+  from experiments.routing_ablation import run
+  runs = {seed: dict(final_eval_loss=loss, first_eval_loss=5.0, tokens_dropped_pct=drop, load_cv=0.5,
+                     dead_experts=dead, step_time_ms=100.0)
+          for seed, loss, drop, dead in [(0, 3.0, 1.0, 0), (3, 3.5, 3.0, 1)]}
+  row = run.arm_row("switch_lb", runs)
+  assert (row["final_eval_loss"], row["loss_range"], row["tokens_dropped_pct"], row["dead_experts"]) == (3.25, 0.5, 2.0, 0.5)
+  assert (row["loss_seed0"], row["loss_seed3"], row["router"], row["dispatch"]) == (3.0, 3.5, "switch", "dropless")
+  table = run.markdown([row, dict(row, arm="hash", final_eval_loss=3.1)], steps=10, seeds=[0, 3])
+  assert table.index("| hash |") < table.index("| switch_lb |")  # best (lowest loss) first
 
 
 @pytest.mark.slow

@@ -1,10 +1,13 @@
 """Routing ablation: one training run per arm (arms.py) on the same data, seed and model; one command.
 
-    python experiments/routing_ablation/run.py            # all arms (~15 min on 2 CPU cores)
+    python experiments/routing_ablation/run.py            # 12 arms x 2 seeds x 250 steps (~11 min, 2 cores)
     python experiments/routing_ablation/run.py --quick    # 2 arms x a few steps (the test suite runs this)
 
-Writes OUT/ablation.csv (final held-out loss, tokens dropped, load CV, dead experts, step time),
-OUT/loss_curves.png and OUT/expert_load_<arm>.png (expert load per layer over training), default
+Every arm runs once per seed (--seeds; the seed sets initialisation, data order and router noise), so a
+difference between arms can be read against the spread between seeds of one arm. Writes OUT/ablation.csv
+(per arm: mean final held-out loss over seeds and its range, tokens dropped, load CV, dead experts, step
+time; per-seed losses), OUT/ablation.md (the same, best arm first), OUT/loss_curves.png and
+OUT/expert_load_<arm>.png (seed 0: expert load per layer over training), default
 OUT = experiments/results/routing_ablation.
 """
 from __future__ import annotations
@@ -53,21 +56,45 @@ def read_jsonl(path):
 
 
 def summarise(name, records, summary, wall):
-  """One CSV row from the run's metrics.jsonl: end-of-training routing statistics."""
+  """One run's end-of-training routing statistics from its metrics.jsonl."""
   train = [r for r in records if "loss" in r]
   evals = [r for r in records if "eval_loss" in r]
   last = train[-1]
   load = np.asarray(last["expert_load"], np.float64)  # [L, E]
   cfg_steps = summary["step"] - summary["start_step"]
   return {
-      "arm": name, "router": ARMS[name][0], "aux_losses": "+".join(ARMS[name][1]) or "none",
-      "dispatch": ARMS[name][2], "final_eval_loss": round(evals[-1]["eval_loss"], 4),
-      "first_eval_loss": round(evals[0]["eval_loss"], 4),
-      "tokens_dropped_pct": round(100 * float(np.mean(last.get("dropped_fraction", [0.0]))), 3),
-      "load_cv": round(float(np.mean(last["load_cv"])), 4),
-      "dead_experts": int(np.sum(load == 0)),
-      "step_time_ms": round(1000 * wall / max(cfg_steps, 1), 1),  # compile amortised over the run
+      "final_eval_loss": evals[-1]["eval_loss"], "first_eval_loss": evals[0]["eval_loss"],
+      "tokens_dropped_pct": 100 * float(np.mean(last.get("dropped_fraction", [0.0]))),
+      "load_cv": float(np.mean(last["load_cv"])), "dead_experts": int(np.sum(load == 0)),
+      "step_time_ms": 1000 * wall / max(cfg_steps, 1),  # compile amortised over the run
   }
+
+
+def arm_row(name, runs: dict) -> dict:
+  """The CSV row of one arm: means over its seeds' runs ({seed: summarise(...)}), the loss range, and
+  each seed's final loss."""
+  mean = lambda key: float(np.mean([r[key] for r in runs.values()]))  # noqa: E731
+  losses = [r["final_eval_loss"] for r in runs.values()]
+  row = {"arm": name, "router": ARMS[name][0], "aux_losses": "+".join(ARMS[name][1]) or "none",
+         "dispatch": ARMS[name][2], "final_eval_loss": round(mean("final_eval_loss"), 4),
+         "loss_range": round(max(losses) - min(losses), 4), "first_eval_loss": round(mean("first_eval_loss"), 4),
+         "tokens_dropped_pct": round(mean("tokens_dropped_pct"), 3), "load_cv": round(mean("load_cv"), 4),
+         "dead_experts": round(mean("dead_experts"), 2), "step_time_ms": round(mean("step_time_ms"), 1)}
+  row.update({f"loss_seed{seed}": round(r["final_eval_loss"], 4) for seed, r in runs.items()})
+  return row
+
+
+def markdown(rows, steps: int, seeds) -> str:
+  lines = [f"# Routing ablation: {len(rows)} arms x seeds {', '.join(map(str, seeds))}, {steps} steps each", "",
+           "Final held-out loss (nats/byte, mean over seeds; range = max - min over seeds), best first. Arms whose "
+           "means differ by less than the ranges are not distinguished by this run.", "",
+           "| arm | router | aux losses | dispatch | held-out loss | range | dropped % | load CV | dead experts | "
+           "step ms |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for r in sorted(rows, key=lambda r: r["final_eval_loss"]):
+    lines.append(f"| {r['arm']} | {r['router']} | {r['aux_losses']} | {r['dispatch']} | {r['final_eval_loss']:.4f} | "
+                 f"{r['loss_range']:.4f} | {r['tokens_dropped_pct']:.1f} | {r['load_cv']:.3f} | "
+                 f"{r['dead_experts']:g} | {r['step_time_ms']:.0f} |")
+  return "\n".join(lines) + "\n"
 
 
 def plot(out_dir, curves, loads):
@@ -98,33 +125,42 @@ def plot(out_dir, curves, loads):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="2 arms x 4 steps (smoke test)")
-  parser.add_argument("--steps", type=int, default=150)
+  parser.add_argument("--steps", type=int, default=250)
+  parser.add_argument("--seeds", default="", help="comma-separated seeds, every arm runs once per seed "
+                      "(default 0,1; --quick: 0)")
   parser.add_argument("--arms", default="", help="comma-separated subset of arms.py")
   parser.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "routing_ablation"))
   args = parser.parse_args(argv)
   from mixtral_jax.train import train_and_evaluate
   names = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else ARMS)
   steps = 4 if args.quick else args.steps
+  seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
   os.makedirs(args.out, exist_ok=True)
   rows, curves, loads = [], {}, {}
   for name in names:
-    workdir = os.path.join(args.out, "runs", name)
-    if os.path.exists(workdir):  # an ablation restarts every arm from scratch
-      import shutil
-      shutil.rmtree(workdir)
-    t0 = time.perf_counter()
-    summary = train_and_evaluate(arm_config(name, steps=steps), workdir)
-    wall = time.perf_counter() - t0
-    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    rows.append(summarise(name, records, summary, wall))
-    train = [r for r in records if "loss" in r]
-    curves[name] = ([r["step"] for r in train], [r["loss"] for r in train])
-    loads[name] = ([r["step"] for r in train], np.asarray([r["expert_load"] for r in train], np.float64))
+    runs = {}
+    for seed in seeds:
+      workdir = os.path.join(args.out, "runs", name, f"seed{seed}")
+      if os.path.exists(workdir):  # an ablation restarts every arm from scratch
+        import shutil
+        shutil.rmtree(workdir)
+      t0 = time.perf_counter()
+      summary = train_and_evaluate(arm_config(name, steps=steps, seed=seed), workdir)
+      wall = time.perf_counter() - t0
+      records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+      runs[seed] = summarise(name, records, summary, wall)
+      if seed == seeds[0]:
+        train = [r for r in records if "loss" in r]
+        curves[name] = ([r["step"] for r in train], [r["loss"] for r in train])
+        loads[name] = ([r["step"] for r in train], np.asarray([r["expert_load"] for r in train], np.float64))
+    rows.append(arm_row(name, runs))
     print(json.dumps(rows[-1]), flush=True)
   with open(os.path.join(args.out, "ablation.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
+  with open(os.path.join(args.out, "ablation.md"), "w") as f:
+    f.write(markdown(rows, steps, seeds))
   plot(args.out, curves, loads)
   print(f"wrote {os.path.join(args.out, 'ablation.csv')}")
   return rows
