@@ -6,6 +6,10 @@
 matmul_gflops: best of several float32 square matmuls (the compute ceiling XLA reaches here).
 read_gbps: a large float32 matrix-vector product (reads the matrix once): the weight-streaming ceiling
 that batch-1 decode lives under.
+read8_gbps: the same bytes streamed by [8, D] @ [D, F] products over expert-sized weights (64 separate
+[512, 1792] float32 buffers, 235 MB, far beyond the 32 MB L3): what batch-8 decode lives under. On
+XLA:CPU a skinny matmul reads its weights at about half the matrix-vector rate (measured on 2 cores:
+28 GB/s for M=1, 15 / 14 / 7 GB/s for M=2 / 8 / 32).
 """
 from __future__ import annotations
 
@@ -45,6 +49,13 @@ def read_gbps(rows: int = 8192, cols: int = 8192) -> float:
   return w.size * 4 / t / 1e9
 
 
+def batched_read_gbps(m: int = 8, dim: int = 512, ffn: int = 1792, count: int = 64) -> float:
+  ws = [jax.random.normal(jax.random.key(i), (dim, ffn), jnp.float32) for i in range(count)]
+  x = jnp.ones((m, dim), jnp.float32)
+  t = best_time(jax.jit(lambda x, ws: sum(x @ w for w in ws)), x, ws)
+  return count * dim * ffn * 4 / t / 1e9
+
+
 def describe() -> dict:
   return {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
           "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
@@ -57,6 +68,7 @@ def measure(quick: bool = False) -> dict:
   out = describe()
   out["matmul_gflops"] = max(matmul_gflops(n), matmul_gflops(n // 2))
   out["read_gbps"] = read_gbps(rows, rows)
+  out["read8_gbps"] = batched_read_gbps(8, *((128, 256, 16) if quick else (512, 1792, 64)))
   return out
 
 
