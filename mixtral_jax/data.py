@@ -53,7 +53,8 @@ class ByteTokenizer:
     return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
   def decode(self, ids) -> str:
-    return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+    """Specials and ids past the byte range (a model's vocabulary may be padded wider) decode to nothing."""
+    return bytes(int(i) - 3 for i in ids if 3 <= int(i) < self.vocab_size).decode("utf-8", errors="replace")
 
 
 def load_tokenizer(name: str):

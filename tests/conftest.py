@@ -1,7 +1,14 @@
 """Shared helpers: tiny configs with distinct odd sizes, and HF transformers as the test oracle."""
 import os
 
+# The suite's time is XLA:CPU compiling many small programs (every parameter shape's initializer, every
+# test's forward); its optimisation passes make that ~3x slower and buy run time these tiny models do not
+# need. The tests compare numbers, never speed. Set before jax starts, and inherited by the processes the
+# tests launch (run.py, notebook kernels); tests that set XLA_FLAGS for a subprocess add FAST_COMPILE.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import numpy as np
 import pytest

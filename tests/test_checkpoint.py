@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import tiny_config
+from conftest import FAST_COMPILE, tiny_config
 from mixtral_jax import checkpoint
 from mixtral_jax.formats import CheckpointError
 from mixtral_jax.model import Mixtral, from_params, params_of
@@ -87,7 +87,7 @@ def test_restore_onto_a_mesh_reads_each_shard(tmp_path):
   checkpoint.save_model(path4, model4)
   np.save(tmp_path / "expected.npy", np.asarray(_forward(model4, TOKENS)))
   script = _MESH_SCRIPT.format(path=str(path4), expected=str(tmp_path / "expected.npy"))
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE}")
   root = Path(__file__).resolve().parents[1]
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root,
                        timeout=300)

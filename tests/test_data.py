@@ -150,3 +150,9 @@ def test_run_py_data_error_is_one_line(tmp_path):
                        capture_output=True, text=True)
   assert out.returncode != 0 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines()[-1] == f"error: {bad}:2: malformed JSONL line (Expecting value)"
+
+
+def test_byte_tokenizer_round_trip_and_ids_past_its_vocabulary():
+  text = "naïve 🙂 code"
+  assert TOK.decode(TOK.encode(text, eos=True)) == text
+  assert TOK.decode([1, 300, *TOK.encode("ok", bos=False), 0, 258 + 1]) == "ok"  # a padded model vocabulary

@@ -185,10 +185,13 @@ def test_dropless_buffers_and_blocks_branches_are_exact(skew):
 
   def f(name, options):
     def loss(x, logits, w1, w3, w2):
-      return jnp.sum(jnp.sin(dispatch(name, x, topk_gates(logits, 2, renormalize=True), w1, w3, w2, **options)[0]))
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(x, logits, w1, w3, w2)
+      y = dispatch(name, x, topk_gates(logits, 2, renormalize=True), w1, w3, w2, **options)[0]  # [N, D]
+      return jnp.sum(jnp.sin(y)), y
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, logits, w1, w3, w2)
 
-  (ref, ref_grads), (got, grads) = f("dense", {}), f("dropless", dict(block_size=8))
+  # Compare the [N, D] outputs, not the summed loss: a sum of sines cancels, so its relative error
+  # measures the cancellation more than the strategies.
+  ((_, ref), ref_grads), ((_, got), grads) = f("dense", {}), f("dropless", dict(block_size=8))
   assert rel_err(got, ref) <= TOL
   for g, r in zip(grads, ref_grads):
     assert rel_err(g, r) <= TOL

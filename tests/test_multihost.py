@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import FAST_COMPILE
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -27,8 +29,7 @@ def test_two_processes_match_single_process(tmp_path):
   for pid in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu", MIXTRAL_COORDINATOR=f"127.0.0.1:{port}",
                MIXTRAL_NUM_PROCESSES="2", MIXTRAL_PROCESS_ID=str(pid), MESH_CHECKS_OUT=str(out),
-               XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
-                         "--xla_llvm_disable_expensive_passes=true")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")
     procs.append(subprocess.Popen([sys.executable, os.path.join(_HERE, "mesh_checks.py"), "train3"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   try:

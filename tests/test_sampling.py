@@ -17,16 +17,18 @@ HF_CONFIGS = {
 }
 
 
-def greedy_without_cache(model, prompt, new):
-  """Reference: a full forward pass per new token, no cache. One fixed-width jitted forward (causal, so
-  the zeros after the current token do not change its logits)."""
-  width = len(prompt) + new
-  forward = jax.jit(lambda m, t: m(t).logits[0])
+_forward_logits = jax.jit(lambda m, t: m(t).logits[0])
+
+
+def greedy_without_cache(model, prompt, new, width=16):
+  """Reference: a full forward pass per new token, no cache. One fixed-width jitted forward for every
+  prompt (causal, so the zeros after the current token do not change its logits)."""
+  assert len(prompt) + new <= width
   tokens = np.zeros((1, width), np.int32)
   tokens[0, :len(prompt)] = prompt
-  for i in range(len(prompt), width):
-    tokens[0, i] = int(jnp.argmax(forward(model, jnp.asarray(tokens))[i - 1]))
-  return tokens[0].tolist()
+  for i in range(len(prompt), len(prompt) + new):
+    tokens[0, i] = int(jnp.argmax(_forward_logits(model, jnp.asarray(tokens))[i - 1]))
+  return tokens[0, :len(prompt) + new].tolist()
 
 
 def hf_generate(hf, prompts, new, eos_id=None):

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from conftest import rel_err, tiny_config
+from conftest import FAST_COMPILE, rel_err, tiny_config
 from mixtral_jax import expert_parallel as ep
 from mixtral_jax import sharding
 from mixtral_jax.config import ConfigError
@@ -25,9 +25,8 @@ from mixtral_jax.model import Mixtral
 from mixtral_jax.routers import topk_renormalized
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# Optimisation level 0: these checks compare numbers, not speed, and XLA:CPU compiles ~2x faster without it.
-MESH_ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-                "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+MESH_ENV = dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")  # see conftest.py
 
 
 def run_mesh_checks(*names, env=MESH_ENV, timeout=600):

@@ -39,22 +39,27 @@ def make_config(data_path: str, steps: int):
 
 
 def routing_counts(model, docs, num_experts: int, seq_len: int):
-  """Per task and per token class: [L, E] counts of routing slots, from a forward pass on held-out docs."""
+  """Per task and per token class: [L, E] counts of routing slots, from one forward pass on the held-out
+  docs right-padded to seq_len (one compiled shape; causal attention and per-token routing mean a token
+  routes as it would alone, and the padding after it is not counted)."""
+  import jax
   import jax.numpy as jnp
   from mixtral_jax.data import ByteTokenizer
   tok = ByteTokenizer()
+  ids = [tok.encode(text, bos=False)[:seq_len] for _, text in docs]
+  tokens = np.zeros((len(docs), seq_len), np.int32)  # [N, T]
+  for i, row in enumerate(ids):
+    tokens[i, :len(row)] = row
+  experts = np.asarray(jax.jit(lambda m, t: m(t).router.experts)(model, jnp.asarray(tokens)))  # [L, N, T, k]
   by_task, by_class = {}, {}
-  for task, text in docs:
-    ids = tok.encode(text, bos=False)[:seq_len]
-    out = model(jnp.asarray([ids], jnp.int32))
-    experts = np.asarray(out.router.experts[:, 0])  # [L, T, k]
-    layers = experts.shape[0]
-    onehot = np.zeros((layers, len(ids), num_experts))
+  for (task, _), row, doc_experts in zip(docs, ids, experts.transpose(1, 0, 2, 3)):
+    layers, n = doc_experts.shape[0], len(row)
+    onehot = np.zeros((layers, n, num_experts))  # [L, T, E]
     for layer in range(layers):
-      for k in range(experts.shape[-1]):
-        onehot[layer, np.arange(len(ids)), experts[layer, :, k]] += 1
+      for k in range(doc_experts.shape[-1]):
+        onehot[layer, np.arange(n), doc_experts[layer, :n, k]] += 1
     by_task[task] = by_task.get(task, 0) + onehot.sum(axis=1)
-    for pos, byte in enumerate(ids):
+    for pos, byte in enumerate(row):
       cls = token_class(byte - 3)
       by_class[cls] = by_class.get(cls, 0) + onehot[:, pos]
   return by_task, by_class
