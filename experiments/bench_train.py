@@ -30,7 +30,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import roofline  # noqa: E402
-from mixtral_jax import optim, params as params_lib, train  # noqa: E402
+from mixtral_jax import optim, params as params_lib, train_step  # noqa: E402
 from mixtral_jax.config import model_config_from  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -80,16 +80,16 @@ def time_steps(step_fn, steps: int) -> list:
 
 
 def jax_run(cfg, params, batch, steps: int) -> dict:
-  """Our train step (train.make_train_step: the same code `python run.py` trains with)."""
+  """Our train step (train_step.make_train_step: the same code `python run.py` trains with)."""
   config = ml_collections.ConfigDict(dict(model=dict(), train=train_config(steps)))
   from flax import nnx
   from mixtral_jax.model import Mixtral
   graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-  setup = train.Setup(cfg, graphdef, params, nnx.to_pure_dict(rest), None)
+  setup = train_step.Setup(cfg, graphdef, params, nnx.to_pure_dict(rest), None)
   opt, schedule = optim.make_optimizer(config.train, params, num_experts=cfg.num_experts)
   state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(opt.init)(params),
                rng=jax.random.PRNGKey(0), rest={})
-  step = train.make_train_step(setup, config.train, opt, schedule)
+  step = train_step.make_train_step(setup, config.train, opt, schedule)
   batch = jax.device_put(batch)
   holder = {"state": state}
 
@@ -177,7 +177,7 @@ def main(argv=None):
       print(f"{rows[-1]['name']}: median {np.median(result['times']):.3f}s/step", flush=True)
     del hf_model
   if params is None:
-    params = train.init_model(base_cfg, 0)[1]
+    params = train_step.init_model(base_cfg, 0)[1]
   for dispatch in args.dispatch.split(","):
     cfg = base_cfg.replace(dispatch=dispatch)
     result = jax_run(cfg, jax.tree.map(jnp.copy, params), batch, args.steps)  # the step donates its state

@@ -11,7 +11,7 @@ Benches (each guarded: one failing does not lose the others' numbers; results ar
   prefill       B1 x T2048 prefill (sorted_loop dispatch): MFU vs the measured bf16 matmul peak. Goal >= 60%.
   train_slice   issue 6: one training step (forward + backward + AdamW, float32 master weights, bf16
                 compute) of 4 full-width layers (D4096/F14336, 8 experts top-2, vocab 32000), batch
-                4 x 2048, through train.make_train_step (bench_train's gpu_slice preset): MFU (6 x active
+                4 x 2048, through train_step.make_train_step (bench_train's gpu_slice preset): MFU (6 x active
                 parameters + attention, per token) vs the measured bf16 matmul peak. Goal >= 45%.
 
 The model is built directly in the inference layout (unstacked.build_unstacked), one layer at a time,
@@ -111,7 +111,7 @@ def prefill(args, cfg, peak) -> dict:
 
 def train_slice(args, cfg, peak) -> dict:
   from experiments import bench_train
-  from mixtral_jax import train
+  from mixtral_jax import train_step
   from mixtral_jax.config import model_config_from
   if args.dry_run:  # the dry run's tiny dimensions, batch 2 x 32
     slice_cfg, batch_size, seq_len = cfg.replace(param_dtype="float32"), 2, 32
@@ -120,7 +120,7 @@ def train_slice(args, cfg, peak) -> dict:
     slice_cfg = model_config_from({**preset["model"], "max_positions": max(4096, preset["seq_len"])})
     batch_size, seq_len = preset["batch"], preset["seq_len"]
   batch = bench_train.make_batch(slice_cfg, batch_size, seq_len)
-  params = train.init_model(slice_cfg, 0)[1]  # float32 master weights
+  params = train_step.init_model(slice_cfg, 0)[1]  # float32 master weights
   result = bench_train.jax_run(slice_cfg, params, batch, steps=max(2, args.repeats))
   del params
   gc.collect()

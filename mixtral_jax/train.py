@@ -1,8 +1,8 @@
 """Training and fine-tuning: `train_and_evaluate(config, workdir)`, the run mode `train`.
 
 One path: config -> model (fresh, or loaded for fine-tuning) -> trainable tree (every parameter, or LoRA
-adapters) -> optimizer (optim.py) -> packed batches (data.py) -> jitted `train_step` whose local `loss_fn`
-adds the weighted auxiliary losses -> Orbax checkpoints (train_checkpoints.py) -> metrics.jsonl / wandb / plot
+adapters) -> optimizer (optim.py) -> packed batches (data.py) -> jitted `train_step` (train_step.py) whose
+local `loss_fn` adds the weighted auxiliary losses -> Orbax checkpoints (train_checkpoints.py) -> metrics.jsonl / wandb / plot
 (reporting.py) -> held-out perplexity and a generated sample.
 
 The train state is a dict of pure pytrees (`step`, `params` = the trainable tree, `opt_state`, `rng`,
@@ -11,47 +11,31 @@ Master weights are float32; `config.model.dtype=bfloat16` makes the model comput
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Optional
 
 from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
 from mixtral_jax import data, lora, optim, reporting, sharding
-from mixtral_jax.train_checkpoints import Checkpoints, load_pretrained
-from mixtral_jax.config import ConfigError, ModelConfig, model_config_from, to_dict
+from mixtral_jax.config import ConfigError, to_dict
 from mixtral_jax.losses import LOSSES
-from mixtral_jax.metrics import moe_metrics
-from mixtral_jax.model import KVCache, build, from_params
 from mixtral_jax.modes import MODES
-from mixtral_jax.routers import ROUTERS
-
-# Model fields a fine-tuning run may change on a loaded checkpoint: they alter how it computes, not its shape.
-RUNTIME_FIELDS = ("dtype", "remat", "dispatch", "capacity_factor", "grouped_matmul", "router_jitter",
-                  "router_logits_cap", "scan_layers")
+from mixtral_jax.train_checkpoints import Checkpoints
+from mixtral_jax.train_step import build_setup, effective_params, evaluate, greedy_sample, make_eval_step, \
+    make_train_step
 
 
 class TrainingError(ConfigError):
   """The run stopped for a reason the user must act on (a non-finite loss, a mismatched workdir); run.py
   prints it as one line and exits non-zero."""
-
-
-class Setup(NamedTuple):
-  cfg: ModelConfig
-  graphdef: Any
-  base: Any                 # every parameter (pure dict): the frozen base under LoRA, else the initial weights
-  rest: Any                 # non-parameter model state (pure dict; {} for the stock routers)
-  lora: Optional[dict]      # {"rank", "alpha", "targets"} or None for full training
 
 
 def validate(config) -> None:
@@ -65,182 +49,6 @@ def validate(config) -> None:
   for name in t.aux_losses:
     if name not in LOSSES:
       raise ConfigError(f"config.train.aux_losses has unknown loss {name!r}; known: {', '.join(LOSSES.names())}")
-
-
-def init_model(cfg: ModelConfig, seed: int):
-  """(graphdef, params, rest) of a freshly initialised model, as pure dicts, from one jitted program.
-
-  Eager init compiles one small program per parameter shape, and JAX's default partitionable threefry
-  makes each slow to compile on CPU (~12 s for a tiny model); one program with the classic threefry
-  compiles in ~3 s. The values differ from `build(cfg, seed)` but are as random and as deterministic.
-  """
-  graphdef = nnx.split(nnx.eval_shape(lambda: build(cfg, seed)), nnx.Param, ...)[0]
-
-  def init():
-    _, params, rest = nnx.split(build(cfg, seed), nnx.Param, ...)
-    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-  with jax.threefry_partitionable(False):
-    params, rest = jax.jit(init)()
-  return graphdef, params, rest
-
-
-def build_setup(config) -> Setup:
-  """The model to train: fresh from config.model, or config.checkpoint's weights for fine-tuning."""
-  rank = config.train.lora.rank
-  if "checkpoint" in config and config.checkpoint is None:
-    raise ConfigError("config.checkpoint is required: --config.checkpoint=DIR (the weights to fine-tune)")
-  if config.get("checkpoint"):
-    # Full fine-tuning keeps float32 master weights; a LoRA base stays in its stored dtype.
-    cfg, params = load_pretrained(config.checkpoint, dtype=None if rank else "float32")
-    cfg = cfg.replace(**{f: config.model[f] for f in RUNTIME_FIELDS if f in config.model})
-  else:
-    cfg, params = model_config_from(config.model), None
-  if not rank:
-    cfg = cfg.replace(param_dtype="float32")  # float32 master weights; compute dtype is cfg.dtype
-  if params is None:
-    graphdef, base, rest = init_model(cfg, config.seed)
-  else:
-    graphdef, base, rest = nnx.split(from_params(cfg, params), nnx.Param, ...)
-    base, rest = nnx.to_pure_dict(base), nnx.to_pure_dict(rest)
-  spec = None
-  if rank:
-    spec = dict(rank=int(rank), alpha=float(config.train.lora.alpha),
-                targets=lora.parse_targets(config.train.lora.targets))
-  return Setup(cfg, graphdef, base, rest, spec)
-
-
-def next_token_loss(logits, targets, mask):
-  """Summed next-token cross-entropy over the mask, float32: logits [B, T, V], targets/mask [B, T]."""
-  logz = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [B, T]
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T]
-  return jnp.sum((logz - target_logit) * mask), jnp.sum(mask)
-
-
-def effective_params(setup: Setup, trainable, base):
-  """What the model runs with: the trainable tree itself, or base + LoRA updates merged."""
-  if setup.lora is None:
-    return trainable
-  return lora.merge(base, trainable, alpha=setup.lora["alpha"], rank=setup.lora["rank"])
-
-
-def forward(setup: Setup, trainable, base, rest, batch, *, train: bool, key=None):
-  model = nnx.merge(setup.graphdef, effective_params(setup, trainable, base), rest)
-  return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-               train=train, key=key)
-
-
-def router_state_update(setup: Setup):
-  """HOOK for routers with non-parameter state, updated once per step outside the gradient.
-
-  Returns fn(rest, router, mask, step) -> rest, where router is the step's RouterOutput (leaves
-  [L, B, T, ...]) and mask [B, T] marks real tokens. aux_free_bias (DeepSeek-V3's balancing bias) uses
-  `routers_extra.aux_free_bias_update`; any other router class may define
-  `update_state(state, *, router, mask, step) -> state` (state: its non-Param variables as a pure dict of
-  [L, ...] arrays). Routers whose extra state is constant (hash tables) keep it unchanged.
-  """
-  router_state = setup.rest.get("layers", {}).get("moe", {}).get("router")
-  router_cls = ROUTERS.get(setup.cfg.router)
-  update = getattr(router_cls, "update_state", None)
-  if router_state and setup.cfg.router == "aux_free_bias":
-    from mixtral_jax.routers_extra import aux_free_bias_update
-    rate = setup.cfg.router_kwargs.get("bias_rate",
-                                       inspect.signature(router_cls.__init__).parameters["bias_rate"].default)
-
-    def update(state, *, router, mask, step):
-      return {**state, "bias": aux_free_bias_update(state["bias"], router, rate=rate, mask=mask)}
-  if not router_state or update is None:
-    return lambda rest, router, mask, step: rest
-
-  def apply(rest, router, mask, step):
-    rest = jax.tree.map(lambda x: x, rest)  # fresh containers; leaves shared
-    moe = rest["layers"]["moe"]
-    moe["router"] = update(moe["router"], router=jax.lax.stop_gradient(router), mask=mask, step=step)
-    return rest
-  return apply
-
-
-def make_train_step(setup: Setup, train_cfg, optimizer, schedule):
-  cfg = setup.cfg
-  weights = {name: float(w) for name, w in train_cfg.aux_losses.items()}  # weight 0: logged, not trained
-  accum = train_cfg.grad_accum
-  update_router_state = router_state_update(setup)
-
-  def train_step(state, base, batch):
-    key = jax.random.fold_in(state["rng"], state["step"])
-    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-    micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)  # [A, B, T]
-
-    def loss_fn(trainable, mb, micro_key):
-      out = forward(setup, trainable, base, state["rest"], mb, train=True, key=micro_key)
-      nll, _ = next_token_loss(out.logits, mb["targets"], mb["loss_mask"])
-      routed = mb["segment_ids"] > 0  # every real token is routed, prompt tokens included
-      aux = {name: LOSSES.get(name)(out.router, mask=routed, num_experts=cfg.num_experts, top_k=cfg.top_k)
-             for name in weights}
-      # Cross-entropy is normalised by the whole batch's tokens, so accumulation equals one big batch.
-      loss = nll / total_tokens + sum(w * aux[name] for name, w in weights.items() if w) / accum
-      return loss, (nll, aux, moe_metrics(out.router, out.moe_stats, routed), out.router)
-
-    def accumulate(grads, xs):
-      mb, micro_key = xs
-      (_, extras), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], mb, micro_key)
-      return jax.tree.map(jnp.add, grads, g), extras
-
-    micro_keys = jax.random.split(key, accum)
-    if accum == 1:  # no zero-filled gradient tree to add into (a full pass over the parameters' size)
-      (_, extras), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, micro_keys[0])
-      nll, aux, moe, router = jax.tree.map(lambda x: x[None], extras)  # [1, ...] as the scan stacks them
-    else:
-      zeros = jax.tree.map(jnp.zeros_like, state["params"])
-      grads, (nll, aux, moe, router) = jax.lax.scan(accumulate, zeros, (micro, micro_keys))
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    moe = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe)  # [L] / [L, E] averaged over microbatches
-    # The whole step's routing: [A, L, B/A, T, ...] -> [L, B, T, ...] (microbatches back into the batch).
-    router = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:]), router)
-    rest = update_router_state(state["rest"], router, batch["segment_ids"] > 0, state["step"])
-    metrics = {"loss": jnp.sum(nll) / total_tokens, "grad_norm": optax.global_norm(grads),
-               "update_norm": optax.global_norm(updates), "learning_rate": schedule(state["step"]),
-               "tokens": total_tokens, **{f"aux/{name}": jnp.mean(v) for name, v in aux.items()}, **moe}
-    new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state, rng=state["rng"], rest=rest)
-    return new_state, metrics
-
-  return jax.jit(train_step, donate_argnums=0)
-
-
-def make_eval_step(setup: Setup):
-  def eval_step(trainable, base, rest, batch):
-    out = forward(setup, trainable, base, rest, batch, train=False)
-    return next_token_loss(out.logits, batch["targets"], batch["loss_mask"])
-  return jax.jit(eval_step)
-
-
-def evaluate(eval_step, state, base, batches) -> float:
-  """Held-out cross-entropy (nats per target token) over fixed batches."""
-  nll = count = 0.0
-  for batch in batches:
-    n, c = eval_step(state["params"], base, state["rest"], batch)
-    nll, count = nll + float(n), count + float(c)
-  return nll / max(count, 1.0)
-
-
-def greedy_sample(setup: Setup, params, rest, tokenizer, prompt: str, num_tokens: int) -> str:
-  """Greedy decoding with the KV cache (mixtral_jax.sampling, issue 5, can replace this)."""
-  ids = tokenizer.encode(prompt, bos=True)
-
-  @jax.jit
-  def step(params, tokens, cache):
-    out = nnx.merge(setup.graphdef, params, rest)(tokens, cache=cache)
-    return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache  # [1]
-
-  token, cache = step(params, jnp.asarray([ids], jnp.int32), KVCache.init(setup.cfg, 1, len(ids) + num_tokens))
-  generated = []
-  for _ in range(num_tokens):
-    generated.append(int(token[0]))
-    if generated[-1] == tokenizer.eos_id:
-      break
-    token, cache = step(params, token[:, None], cache)
-  return tokenizer.decode(ids[1:] + generated)
 
 
 class StopSignal:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mixtral_jax import lora, train
+from mixtral_jax import lora, train, train_step
 from mixtral_jax.model import from_params
 from mixtral_jax import checkpoint
 from mixtral_jax.train_checkpoints import load_pretrained
@@ -16,7 +16,7 @@ from test_train import corpus, restore_state, tiny_train_config  # noqa: F401 --
 
 
 def _params(cfg, seed=0):
-  return train.init_model(cfg, seed)[1]
+  return train_step.init_model(cfg, seed)[1]
 
 
 def test_targets_groups_and_errors():
@@ -62,7 +62,7 @@ def test_init_is_the_identity_and_merge_is_w_plus_scaled_a_b():
 
 def test_lora_finetune_trains_only_adapters_and_exports_the_same_model(corpus, tmp_path):
   from configs import finetune
-  model_cfg = train.model_config_from(tiny_train_config(corpus).model)
+  model_cfg = train_step.model_config_from(tiny_train_config(corpus).model)
   source = str(checkpoint.save_model(tmp_path / "source", _params(model_cfg, seed=3), model_cfg))  # "converted"
 
   config = finetune.get_config("lora=True,rank=4,targets=wq,alpha=8.0")
@@ -94,12 +94,12 @@ def test_lora_finetune_trains_only_adapters_and_exports_the_same_model(corpus, t
     np.testing.assert_array_equal(lora._get(exported, path), lora._get(base, path))
 
   # Merged model (exported, reloaded) == base + adapters as the trainer ran it.
-  setup = train.build_setup(config)
+  setup = train_step.build_setup(config)
   tokens = jnp.asarray(np.random.default_rng(0).integers(3, 259, (2, 16)), jnp.int32)
   batch = dict(tokens=tokens, positions=jnp.broadcast_to(jnp.arange(16), (2, 16)),
                segment_ids=jnp.ones((2, 16), jnp.int32))
   adapters = jax.tree.map(jnp.asarray, state["params"])
-  ours = train.forward(setup, adapters, setup.base, setup.rest, batch, train=False).logits
+  ours = train_step.forward(setup, adapters, setup.base, setup.rest, batch, train=False).logits
   merged = from_params(cfg_exported, exported)(tokens).logits
   np.testing.assert_allclose(merged, ours, rtol=1e-6, atol=1e-6)  # same float32 weights, same program shape
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixtral_jax import optim, train
+from mixtral_jax import optim, train, train_step
 from mixtral_jax.routers import ROUTERS, MixtralTopK
 from mixtral_jax.train_checkpoints import load_pretrained
 
@@ -47,7 +47,7 @@ def tiny_train_config(corpus, **train_overrides):
 
 
 def _step_fn(config):
-  setup = train.build_setup(config)
+  setup = train_step.build_setup(config)
   trainable = setup.base
   if setup.lora:
     from mixtral_jax import lora
@@ -56,7 +56,7 @@ def _step_fn(config):
   opt, schedule = optim.make_optimizer(config.train, trainable, num_experts=setup.cfg.num_experts)
   state = dict(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=jax.jit(opt.init)(trainable),
                rng=jax.random.PRNGKey(0), rest=setup.rest)
-  return setup, state, train.make_train_step(setup, config.train, opt, schedule)
+  return setup, state, train_step.make_train_step(setup, config.train, opt, schedule)
 
 
 def _batch(rows, seq_len=32, seed=0):
@@ -125,7 +125,7 @@ def test_one_step_few_steps_and_gradient_accumulation(corpus):
 
 def test_weight_decay_mask_and_schedules(corpus):
   config = tiny_train_config(corpus)
-  setup = train.build_setup(config)
+  setup = train_step.build_setup(config)
   mask = optim.decay_mask(setup.base)
   assert mask["layers"]["attn"]["wq"] and mask["embed"] and mask["layers"]["moe"]["w1"]
   assert not mask["layers"]["attn_norm"]["scale"] and not mask["final_norm"]["scale"]
@@ -151,7 +151,7 @@ def test_freezing_router_and_experts_and_the_aux_free_bias_update(corpus):
   assert "bias" not in state["params"]["layers"]["moe"]["router"]
   before = _copy(state["params"])
   batch = _batch(4)
-  route = train.forward(setup, state["params"], None, state["rest"], batch, train=True,
+  route = train_step.forward(setup, state["params"], None, state["rest"], batch, train=True,
                         key=jax.random.fold_in(state["rng"], 0)).router
   expected_bias = aux_free_bias_update(jnp.zeros((2, 7)), route, rate=0.01, mask=jnp.ones((4, 32)))
   for i in range(3):
@@ -178,7 +178,7 @@ def test_train_and_evaluate_checkpoints_metrics_and_restart(corpus, tmp_path):
   assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]
   assert len(records[1]["expert_load"]) == 2 and isinstance(summary["sample"], str)
   cfg, params = load_pretrained(str(tmp_path))  # a workdir is a fine-tuning source: its latest full weights
-  assert cfg == train.build_setup(config).cfg
+  assert cfg == train_step.build_setup(config).cfg
   jax.tree.map(np.testing.assert_array_equal, params, restore_state(tmp_path / "checkpoints" / "6")["params"])
   config.train.sample_tokens = 0
   summary = train.train_and_evaluate(config, str(tmp_path))  # a finished run restores and only reports
