@@ -1,6 +1,6 @@
 """Runs every benchmark and regenerates experiments/results/BENCHMARKS.md from their result files.
 
-    python experiments/run_benchmarks.py                  # all CPU benchmarks (~30-40 min on 2 cores)
+    python experiments/run_benchmarks.py                  # all CPU benchmarks (~16 min on 2 quiet cores)
     python experiments/run_benchmarks.py --only moe,train # a subset
     python experiments/run_benchmarks.py --collect        # only rebuild BENCHMARKS.md from existing results
 
