@@ -10,6 +10,8 @@ read8_gbps: the same bytes streamed by [8, D] @ [D, F] products over expert-size
 [512, 1792] float32 buffers, 235 MB, far beyond the 32 MB L3): what batch-8 decode lives under. On
 XLA:CPU a skinny matmul reads its weights at about half the matrix-vector rate (measured on 2 cores:
 28 GB/s for M=1, 15 / 14 / 7 GB/s for M=2 / 8 / 32).
+read1_gbps: the same with [1, D] @ [D, F]: what batch-1 decode's expert-sized matvecs reach, below the one
+large matrix-vector product of read_gbps (shorter streams, one op each).
 """
 from __future__ import annotations
 
@@ -68,7 +70,9 @@ def measure(quick: bool = False) -> dict:
   out = describe()
   out["matmul_gflops"] = max(matmul_gflops(n), matmul_gflops(n // 2))
   out["read_gbps"] = read_gbps(rows, rows)
-  out["read8_gbps"] = batched_read_gbps(8, *((128, 256, 16) if quick else (512, 1792, 64)))
+  sizes = (128, 256, 16) if quick else (512, 1792, 64)
+  out["read1_gbps"] = batched_read_gbps(1, *sizes)
+  out["read8_gbps"] = batched_read_gbps(8, *sizes)
   return out
 
 

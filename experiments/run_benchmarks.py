@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 BENCHMARKS = {
     "moe": (["bench_moe.py"], "bench_moe.md", "issue 4: MoE layer fwd+bwd per dispatch strategy"),
     "inference": (["bench_inference.py"], "inference_cpu.md", "issue 5: prefill / decode vs HF"),
+    "decode_loop": (["decode_matvec_loop.py"], "decode_matvec_loop.md", "issue 5: batch-1 decode's weight reads alone"),
     "train": (["bench_train.py"], "bench_train_cpu.md", "issue 6: train step vs HF + torch AdamW"),
     "convert": (["bench_convert.py"], "bench_convert.md", "issue 3: streaming conversion, peak RSS"),
     "sharding": (["bench_sharding.py"], "bench_sharding.md", "issue 7: 8 simulated devices per mesh"),

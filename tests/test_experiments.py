@@ -1,10 +1,11 @@
 """The research experiments run end to end in their --quick modes and write what they promise."""
 import csv
+import json
 import os
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
-
-
 
 
 @pytest.mark.slow
@@ -59,3 +60,15 @@ def test_run_benchmarks_collect_lists_every_benchmark(tmp_path, monkeypatch):
   for name in run_benchmarks.BENCHMARKS:
     assert f"## {name}:" in text
   assert "### MoE" in text and "| 1 | 2 |" in text and "_not run yet: `python experiments/bench_train.py`_" in text
+
+
+def test_decode_matvec_loop_quick(tmp_path):
+  from experiments import decode_matvec_loop
+  layers, head = decode_matvec_loop.make_weights(dim=8, ffn=12, layers=2, vocab=32, kv=4)
+  assert decode_matvec_loop.step_bytes(layers, head) == 4 * (2 * (8 * 8 * 2 + 8 * 4 * 2 + 8 * 8 + 2 * 3 * 8 * 12)
+                                                              + 8 * 32)
+  x = jnp.ones((1, 8), jnp.float32)
+  outs = [decode_matvec_loop.decode_loop(v, tokens=3)(x, layers, head) for v in ("fixed", "cond", "switch")]
+  assert np.all(np.isfinite(outs[0])) and np.allclose(outs[1], outs[2], rtol=1e-6)  # cond = switch: same experts
+  decode_matvec_loop.main(["--quick", "--repeats=1", f"--out={tmp_path / 'loop'}"])
+  assert {r["variant"] for r in json.loads((tmp_path / "loop.json").read_text())["rows"]} == {"fixed", "cond", "switch"}

@@ -129,3 +129,20 @@ def test_gpu_bench_dry_run(tmp_path):
     assert "error" not in bench, (name, bench)
     assert bench.get("tok_s", bench.get("tokens_per_s")) > 0
   assert 0 < result["benches"]["train_slice"]["mfu"] < 1
+
+
+def test_bench_inference_quick(tmp_path):
+  """The CPU benchmark end to end at tiny sizes (HF on the same converted weights): every row has both
+  sides, the ratio, and a floor; the batch-1 row also its expert-sized matvec floor."""
+  out = tmp_path / "inference"
+  proc = subprocess.run([sys.executable, "experiments/bench_inference.py", "--quick", "--repeats=1",
+                         f"--out={out}"], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads((tmp_path / "inference.json").read_text())
+  assert [r["what"].split()[0] for r in result["rows"]] == ["prefill", "decode", "decode"]
+  for r in result["rows"]:
+    assert r["ours_tok_s"] > 0 and r["hf_tok_s"] > 0
+    assert abs(r["speedup_vs_hf"] - r["ours_tok_s"] / r["hf_tok_s"]) < 1e-9
+  b1 = result["rows"][1]
+  assert 0 < b1["ours_of_floor"] and 0 < b1["floor1_ms"] and "floor1_ms" not in result["rows"][2]
+  assert "| decode B1x16 |" in (tmp_path / "inference.md").read_text()
