@@ -64,17 +64,47 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, sliding_window: Optional[int]) ->
   return mask
 
 
-def dot_product_attention(q, k, v, mask) -> jax.Array:
-  """Grouped-query attention. q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] -> [B, T, H, Dh]."""
+CAUSAL_BLOCK = 128  # query rows per block of block-causal self-attention (read at trace time)
+
+
+def _attend(q, k, v, mask) -> jax.Array:
+  """q [B, K, G, T, Dh] (grouped by KV head), k/v [B, K, S, Dh], mask [B, T, S] -> [B, K, G, T, Dh].
+
+  Heads lead: each (b, kv-head) pair is one [G*T, Dh] @ [Dh, S] matmul on contiguous rows, which XLA:CPU
+  runs ~2x faster than the same einsum with heads between the sequence axes.
+  """
+  b, kv_heads, g, t, dh = q.shape
+  scores = jnp.einsum("bkmd,bksd->bkms", q.reshape(b, kv_heads, g * t, dh), k,
+                      preferred_element_type=jnp.float32) * (dh ** -0.5)  # [B, K, G*T, S]
+  scores = jnp.where(mask[:, None, None], scores.reshape(b, kv_heads, g, t, -1), _NEG_INF)  # [B, K, G, T, S]
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
+  return jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(b, kv_heads, g, t, dh)
+
+
+def dot_product_attention(q, k, v, mask, *, causal_self: bool = False) -> jax.Array:
+  """Grouped-query attention. q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] -> [B, T, H, Dh].
+
+  causal_self: the keys are the queries' own tokens in the same order (no cache, or a fresh one). Then a
+  query never sees a later token of the sequence (HF's index-causal rule, ANDed with `mask`), and queries
+  run in blocks of CAUSAL_BLOCK rows over only the keys up to their block's end: the score matrices'
+  upper blocks, all masked, are never computed (5/8 of the work at T = 4 blocks). Exact.
+  """
   b, t, h, dh = q.shape
-  kv_heads = k.shape[2]
-  q = q.reshape(b, t, kv_heads, h // kv_heads, dh)  # [B, T, K, G, Dh]
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (dh ** -0.5)
-  scores = jnp.where(mask[:, None, None], scores, _NEG_INF)  # [B, K, G, T, S]
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, Dh]
-  return out.reshape(b, t, h, dh)
+  s, kv_heads = k.shape[1], k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
+  if causal_self:
+    assert s == t, (s, t)
+    index = jnp.arange(t)
+    mask = mask & (index[:, None] >= index[None, :])  # [B, T, S]
+  block = CAUSAL_BLOCK if causal_self else t
+  outs = []
+  for start in range(0, t, block):  # one iteration unless causal_self and t > block
+    end = min(start + block, t)
+    keys = end if causal_self else s
+    outs.append(_attend(q[:, :, :, start:end], k[:, :, :keys], v[:, :, :keys], mask[:, start:end, :keys]))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, T, Dh]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
 class Attention(nnx.Module):
@@ -110,7 +140,7 @@ class Attention(nnx.Module):
 
     if cache is None:
       mask = attention_mask(positions, positions, segment_ids, segment_ids, self.sliding_window)
-      out = dot_product_attention(q, k, v, mask)
+      out = dot_product_attention(q, k, v, mask, causal_self=True)
       new_cache = None
     else:
       k_cache, v_cache, k_pos, k_seg, old_pos, old_seg, slots, fresh = cache
@@ -132,7 +162,7 @@ class Attention(nnx.Module):
           key_pos = jnp.concatenate([old_pos, positions], axis=1)  # [B, S + T]
           key_seg = jnp.concatenate([old_seg, segment_ids], axis=1)
         mask = attention_mask(positions, key_pos, segment_ids, key_seg, self.sliding_window)
-        out = dot_product_attention(q, keys, values, mask)
+        out = dot_product_attention(q, keys, values, mask, causal_self=fresh)
         keep = slots.shape[0]  # the last min(T, S) tokens are the ones a cache of S slots can hold
         k_cache = k_cache.at[:, slots].set(k[:, -keep:].astype(k_cache.dtype))
         v_cache = v_cache.at[:, slots].set(v[:, -keep:].astype(v_cache.dtype))

@@ -32,6 +32,19 @@ def test_logits_match_hf(name):
   assert rel_err(got, expected) <= TOL
 
 
+@pytest.mark.parametrize("name", ["gqa4", "window"])
+def test_block_causal_attention_matches_hf(name, monkeypatch):
+  """Queries in blocks of 4 over 13 tokens (3 whole blocks and a partial one), each attending only to the
+  keys up to its block's end: the same logits as HF."""
+  from mixtral_jax import layers
+  monkeypatch.setattr(layers, "CAUSAL_BLOCK", 4)
+  cfg = tiny_config(**CONFIGS[name])
+  hf = hf_model(cfg, seed=7)
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 13))
+  got = jax.jit(lambda m, t: m(t).logits)(ours_from_hf(cfg, hf), jnp.asarray(tokens, jnp.int32))
+  assert rel_err(got, hf_logits(hf, tokens)) <= TOL
+
+
 def test_router_choices_match_hf():
   """Per-layer router logits and chosen experts equal HF's (output_router_logits)."""
   import torch
