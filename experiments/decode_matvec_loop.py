@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from experiments import report, roofline  # noqa: E402
+from mixtral_jax.dispatch_decode import swiglu  # noqa: E402
 
 D, F, E, K, L, V, KV = 512, 1792, 8, 2, 8, 32000, 128
 TOKENS = 128
@@ -51,7 +52,7 @@ def step_bytes(layers, head) -> int:
 
 def decode_loop(variant: str, tokens: int = TOKENS):
   def expert(lw, j):
-    return lambda x: (jax.nn.silu(x @ lw["w1"][j]) * (x @ lw["w3"][j])) @ lw["w2"][j]  # [1, D]
+    return lambda x: swiglu(x, lw["w1"][j], lw["w3"][j], lw["w2"][j], jnp.float32)  # [1, D], as routed_cond
 
   def token(_, carry):
     x, layers, head = carry  # x [1, D]
