@@ -5,8 +5,9 @@ Registered into dispatch.DISPATCHERS (same signature as the strategies there), c
                expert runs on all N tokens (N is tiny) scaled by its combine weight. Batch-1 decode reads
                k experts per layer instead of E (dense) and does no gather of weights.
   sorted_loop  prefill (many tokens): routing slots sorted by expert; each expert runs a loop over
-               blocks of `block` of its slots (`[block, D] @ [D, F]` matmuls), so the FLOPs are the active
-               ones plus at most one partial block per expert.
+               blocks of `block` of its slots (`[block, D] @ [D, F]` matmuls), then its remaining rows as
+               one block of block/4, block/2, 3 block/4 or block rows: the FLOPs are the active ones plus
+               less than block/4 rows per expert.
 Both take the expert weights as a stacked [E, ...] array, or as an `ExpertList` of E separate buffers
 (what unstacked.py builds): XLA:CPU cannot feed a slice of a larger buffer to a matmul without copying
 it first, which for decode triples the bytes an expert costs (read, write the copy, read it again).
@@ -69,17 +70,20 @@ def routed_cond(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None
 
 
 LOOP_BLOCK = 128  # rows per expert matmul in `sorted_loop` (read at trace time; a GPU wants more)
+TAIL_STEPS = 4  # sizes of an expert's last block in `sorted_loop`: LOOP_BLOCK * (1..TAIL_STEPS) / TAIL_STEPS
 
 
 @DISPATCHERS.register("sorted_loop")
 def sorted_loop(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul=None,
-            block=None):
+                block=None):
   block = block or LOOP_BLOCK
   n, d = x.shape
   k = route.experts.shape[1]
   num_experts = w1.shape[0]
   slots = n * k
   bk = min(block, slots)
+  step = max(1, bk // TAIL_STEPS)
+  tails = list(range(step, bk, step)) + [bk]  # last-block sizes: the smallest that holds the remainder
   flat = route.experts.reshape(slots)  # [N*k] expert of each routing slot
   order = jnp.argsort(flat, stable=True)  # [N*k] slots sorted by expert
   counts = jnp.bincount(flat, length=num_experts)  # [E]
@@ -88,15 +92,23 @@ def sorted_loop(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None
   xs = jnp.concatenate([xs, jnp.zeros((bk, d), dtype)])  # room for the last partial block
   out = jnp.zeros((slots + bk, d), dtype)
   for j in range(num_experts):
-    # Experts run in order; a partial last block spills garbage into the next expert's rows, which that
-    # expert then overwrites (the last one spills into the padding).
-    def body(i, out, j=j):
-      row = starts[j] + i * bk
-      xb = jax.lax.dynamic_slice_in_dim(xs, row, bk)  # [bk, D]
-      yb = swiglu(xb, expert(w1, j), expert(w3, j), expert(w2, j), dtype)
-      return jax.lax.dynamic_update_slice_in_dim(out, yb, row, axis=0)
-    out = jax.lax.fori_loop(0, (counts[j] + bk - 1) // bk, body, out)
-  per_slot = jnp.zeros((slots, d), dtype).at[order].set(out[:slots])  # [N*k, D] back in slot order
+    # Experts run in order: whole blocks, then one block of the smallest tail size that holds the rest.
+    # A tail larger than the rest spills garbage into the next expert's rows, which that expert then
+    # overwrites (the last one spills into the padding).
+    ws = (expert(w1, j), expert(w3, j), expert(w2, j))
+
+    def run(out, row, size, ws=ws):
+      xb = jax.lax.dynamic_slice_in_dim(xs, row, size)  # [size, D]
+      return jax.lax.dynamic_update_slice_in_dim(out, swiglu(xb, *ws, dtype), row, axis=0)
+
+    whole = counts[j] // bk
+    out = jax.lax.fori_loop(0, whole, lambda i, out, j=j: run(out, starts[j] + i * bk, bk), out)
+    tail_row, rest = starts[j] + whole * bk, counts[j] - whole * bk
+    branches = [lambda out: out] + [lambda out, size=size, row=tail_row: run(out, row, size) for size in tails]
+    pick = jnp.sum(rest > jnp.asarray([0] + tails[:-1]))  # 0 when nothing is left, else 1 + tail index
+    out = jax.lax.switch(pick, branches, out)
+  sorted_row = jnp.zeros((slots,), jnp.int32).at[order].set(jnp.arange(slots, dtype=jnp.int32))  # [N*k]
+  per_slot = jnp.take(out, sorted_row, axis=0)  # [N*k, D] back in slot order (a gather, not a scatter)
   y = jnp.einsum("nkd,nk->nd", per_slot.reshape(n, k, d), route.weights.astype(dtype))
   used = route.weights != 0
   return y, _drop_stats(used, used)  # nothing is dropped

@@ -30,12 +30,14 @@ def test_sparse_dispatch_equals_dense(name, n):
   route = topk_renormalized(jax.random.normal(keys[4], (n, e)) * 3, k)
   ref, _ = dispatch.dense(x, route, w1, w3, w2, dtype=jnp.float32)
   fn = dispatch.DISPATCHERS.get(name)
-  kw = dict(block=4) if name == "sorted_loop" else {}  # several blocks per expert, partial last blocks
-  got, _ = jax.jit(lambda *a: fn(*a, dtype=jnp.float32, **kw))(x, route, w1, w3, w2)
-  assert rel_err(got, ref) <= TOL
   parts = [dispatch_decode.ExpertList(tuple(w[j] for j in range(e))) for w in (w1, w3, w2)]
-  got, _ = jax.jit(lambda x, r, a, b, c: fn(x, r, a, b, c, dtype=jnp.float32, **kw))(x, route, *parts)
-  assert rel_err(got, ref) <= TOL
+  # sorted_loop: blocks of 4 (tails of 1..4 rows), 13 (tails 3, 6, 9, 12, 13: not a multiple) and 64
+  # (more than the slots: one block, tails of 16..64): whole blocks, every tail size, spills.
+  for kw in [dict(block=b) for b in (4, 13, 64)] if name == "sorted_loop" else [{}]:
+    got, _ = jax.jit(lambda *a: fn(*a, dtype=jnp.float32, **kw))(x, route, w1, w3, w2)
+    assert rel_err(got, ref) <= TOL, kw
+    got, _ = jax.jit(lambda x, r, a, b, c: fn(x, r, a, b, c, dtype=jnp.float32, **kw))(x, route, *parts)
+    assert rel_err(got, ref) <= TOL, kw
 
 
 def test_unstacked_model_equals_stacked():
