@@ -19,6 +19,7 @@ flags.DEFINE_string("workdir", os.path.join(_HERE, "workdir"), "Where checkpoint
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from mixtral_jax import hostmem
   from mixtral_jax.config import ConfigError
   from mixtral_jax.modes import load_modes
   config = flags.FLAGS.config
@@ -27,6 +28,7 @@ def main(argv):
   except KeyError as e:
     sys.exit(f"error: config.mode: {e.args[0]}")
   try:
+    hostmem.apply(config.get("host_memory", "retain"))  # before JAX starts its threads
     mode(config, flags.FLAGS.workdir)
   except ConfigError as e:
     sys.exit(f"error: {e}")

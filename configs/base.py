@@ -115,6 +115,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.mode = "summary"   # what run.py does; see mixtral_jax.modes.MODES
   config.seed = 0
+  config.host_memory = "retain"  # keep freed host memory for reuse (mixtral_jax/hostmem.py) | default
   config.model = tiny_model()
   config.mesh = mesh()
   config.distributed = distributed()

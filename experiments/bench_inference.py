@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from experiments import report, roofline  # noqa: E402
 from experiments.roofline import best_time  # noqa: E402
-from mixtral_jax import sampling  # noqa: E402
+from mixtral_jax import hostmem, sampling  # noqa: E402
 from mixtral_jax.params import config_to_hf  # noqa: E402
 
 FULL = dict(vocab_size=32000, dim=512, ffn_dim=1792, num_layers=8, num_experts=8, top_k=2, num_heads=8,
@@ -78,11 +78,14 @@ def main():
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--layout", default="unstacked", choices=["unstacked", "stacked"])
+  ap.add_argument("--host-memory", default="retain", choices=hostmem.POLICIES,
+                  help="malloc policy for the whole process, so for HF and ours alike (mixtral_jax/hostmem.py)")
   ap.add_argument("--prefill_dispatch", default=sampling.PREFILL_DISPATCH)
   ap.add_argument("--decode_dispatch", default=sampling.DECODE_DISPATCH)
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "inference_cpu"))
   args = ap.parse_args()
+  host_memory = args.host_memory if hostmem.apply(args.host_memory) else "default"
   import torch
   import transformers
   from mixtral_jax.config import ModelConfig
@@ -178,13 +181,14 @@ def main():
         r["floor1_ms"] = r["floor_bytes"] / (peak["read1_gbps"] * 1e9) * 1e3
         r["ours_of_floor1"] = r["floor1_ms"] / r["ours_ms_per_step"]
   result = dict(config=dims, roofline=peak, roofline_samples=peaks, load_avg_before=load_before, load_avg_after=os.getloadavg(),
-                ours_loaded_via=how, dispatch=dispatch, torch_threads=torch.get_num_threads(),
+                ours_loaded_via=how, dispatch=dispatch, torch_threads=torch.get_num_threads(), host_memory=host_memory,
                 rows=rows)
   lines = [f"# CPU inference vs HF transformers ({'quick' if args.quick else 'issue config'})", "",
            f"roofline in this run (best of {len(peaks)}): {peak['matmul_gflops']:.1f} GFLOP/s float32 matmul, "
            f"{peak['read_gbps']:.1f} GB/s read by a matrix-vector product, {peak['read8_gbps']:.1f} GB/s by "
            f"[8, D] @ [D, F] products (the batch-8 floor's bandwidth); 2 shared cores, load average {load_before[0]:.1f} before, "
-           f"{os.getloadavg()[0]:.1f} after; ours loaded via {how}; {dispatch}", "",
+           f"{os.getloadavg()[0]:.1f} after; ours loaded via {how}; {dispatch}; host memory policy for the whole "
+           f"process (HF and ours alike): {host_memory}", "",
            "| run | ours tok/s | HF tok/s | ours / HF | MFU ours / HF | ms per step ours / HF | % of BW floor ours / HF |",
            "| --- | ---: | ---: | ---: | --- | --- | --- |"]
   for r in rows:

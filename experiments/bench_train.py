@@ -30,7 +30,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import roofline  # noqa: E402
-from mixtral_jax import optim, params as params_lib, train_step  # noqa: E402
+from mixtral_jax import hostmem, optim, params as params_lib, train_step  # noqa: E402
 from mixtral_jax.config import model_config_from  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -157,7 +157,10 @@ def main(argv=None):
   parser.add_argument("--hf-experts", default="default,grouped_mm",
                       help="HF experts_implementation values to try; the fastest is the peer")
   parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--host-memory", default="retain", choices=hostmem.POLICIES,
+                      help="malloc policy for the whole process, so for HF and ours alike (mixtral_jax/hostmem.py)")
   args = parser.parse_args(argv)
+  host_memory = args.host_memory if hostmem.apply(args.host_memory) else "default"
   preset = PRESETS[args.preset]
   base_cfg = model_config_from({**preset["model"], "max_positions": max(4096, preset["seq_len"])})
   batch = make_batch(base_cfg, preset["batch"], preset["seq_len"])
@@ -193,7 +196,7 @@ def main(argv=None):
              mfu=flops / median / 1e9 / peak["matmul_gflops"], vs_hf=(hf_best / median) if hf_best else None)
   out = dict(preset=args.preset, model=preset["model"], batch=preset["batch"], seq_len=preset["seq_len"],
              model_gflop_per_step=flops / 1e9, roofline=peak, load_avg_before=load_before,
-             load_avg_after=os.getloadavg()[0], steps=args.steps, rows=rows)
+             load_avg_after=os.getloadavg()[0], steps=args.steps, host_memory=host_memory, rows=rows)
   os.makedirs(RESULTS, exist_ok=True)
   stem = os.path.join(RESULTS, f"bench_train_{args.preset}")
   with open(stem + ".json", "w") as f:
@@ -211,7 +214,8 @@ def markdown(out: dict) -> str:
       f"Model: {out['model']}. {out['model_gflop_per_step']:.1f} model GFLOP per step. Matmul peak measured in "
       f"this run: {peak['matmul_gflops']:.0f} GFLOP/s ({peak['device']}, {peak['cpu_count']} cores); load "
       f"average {out['load_avg_before']:.2f} before, {out['load_avg_after']:.2f} after. Median of "
-      f"{out['steps']} steps after warm-up.",
+      f"{out['steps']} steps after warm-up. Host memory policy for the whole process (HF and ours alike): "
+      f"{out.get('host_memory', 'default')} (mixtral_jax/hostmem.py).",
       "",
       "| implementation | s/step | tokens/s | model GFLOP/s | MFU | vs HF | first step (compile) s | first loss |",
       "| --- | --- | --- | --- | --- | --- | --- | --- |",
