@@ -159,6 +159,7 @@ def main(argv=None):
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--host-memory", default="retain", choices=hostmem.POLICIES,
                       help="malloc policy for the whole process, so for HF and ours alike (mixtral_jax/hostmem.py)")
+  parser.add_argument("--out", default="", help="results path without extension (default results/bench_train_PRESET)")
   args = parser.parse_args(argv)
   host_memory = args.host_memory if hostmem.apply(args.host_memory) else "default"
   preset = PRESETS[args.preset]
@@ -198,7 +199,7 @@ def main(argv=None):
              model_gflop_per_step=flops / 1e9, roofline=peak, load_avg_before=load_before,
              load_avg_after=os.getloadavg()[0], steps=args.steps, host_memory=host_memory, rows=rows)
   os.makedirs(RESULTS, exist_ok=True)
-  stem = os.path.join(RESULTS, f"bench_train_{args.preset}")
+  stem = args.out or os.path.join(RESULTS, f"bench_train_{args.preset}")
   with open(stem + ".json", "w") as f:
     json.dump(out, f, indent=2, default=float)
   with open(stem + ".md", "w") as f:

@@ -1,6 +1,6 @@
 """Runs every benchmark and regenerates experiments/results/BENCHMARKS.md from their result files.
 
-    python experiments/run_benchmarks.py                  # all CPU benchmarks (~16 min on 2 quiet cores)
+    python experiments/run_benchmarks.py                  # all CPU benchmarks (~22 min on 2 quiet cores)
     python experiments/run_benchmarks.py --only moe,train # a subset
     python experiments/run_benchmarks.py --collect        # only rebuild BENCHMARKS.md from existing results
 
@@ -29,6 +29,13 @@ BENCHMARKS = {
     "inference": (["bench_inference.py"], "inference_cpu.md", "issue 5: prefill / decode vs HF"),
     "decode_loop": (["decode_matvec_loop.py"], "decode_matvec_loop.md", "issue 5: batch-1 decode's weight reads alone"),
     "train": (["bench_train.py"], "bench_train_cpu.md", "issue 6: train step vs HF + torch AdamW"),
+    # The same peers with glibc's malloc as it is (the two above retain freed memory: mixtral_jax/hostmem.py).
+    "inference_default_malloc": (["bench_inference.py", "--host-memory", "default", "--out",
+                                  os.path.join(RESULTS, "inference_cpu_default_malloc")],
+                                 "inference_cpu_default_malloc.md", "issue 5, default malloc"),
+    "train_default_malloc": (["bench_train.py", "--host-memory", "default", "--dispatch", "capacity", "--hf-experts",
+                              "grouped_mm", "--out", os.path.join(RESULTS, "bench_train_cpu_default_malloc")],
+                             "bench_train_cpu_default_malloc.md", "issue 6, default malloc"),
     "convert": (["bench_convert.py"], "bench_convert.md", "issue 3: streaming conversion, peak RSS"),
     "sharding": (["bench_sharding.py"], "bench_sharding.md", "issue 7: 8 simulated devices per mesh"),
     "gpu": (["gpu_bench.py"], "gpu_bench.md", "issues 5/6: full-width 8x7B on one H200"),
