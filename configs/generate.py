@@ -21,4 +21,6 @@ def get_config(arg=None):
   config.stop_at_eos = True
   config.prefill_chunk = 0          # prompt tokens per prefill step; 0 = all at once
   config.quant = "none"             # none | q8 | q6 | q5 | q4 | q3 | q2
+  config.host_memory = "default"    # decoding makes small allocations only; one shared malloc arena
+                                    # ("retain") measured 5-10% slower per batch-1 token
   return config

@@ -7,8 +7,11 @@ working set again, the kernel zeroing every page first. Measured on 2 cores for 
 with `retain_freed_memory()` 0 faults and 6.7-7.4 s. HF transformers + torch AdamW in the same process
 gains about as much (7.8 -> 6.2 s). Prefill gains a few percent.
 
-The cost: the process keeps its high-water mark. Freed memory is reused, never returned to the OS, so the
-resident size stays near the peak; for that train step 11-15 GB instead of 7.4 GB between steps.
+The cost: the process keeps its high-water mark. Freed memory is reused, never returned to the OS, so
+the resident size stays near the peak; for that train step 11-15 GB instead of 7.4 GB between steps.
+Not for decoding: its steps allocate little, and with one shared arena batch-1 decode measured 5-10%
+slower per token (13.2-13.8 vs 12.5-12.6 ms, best of 4, two runs each): configs/generate.py keeps the
+default.
 
 How: glibc's mallopt, set to one arena (threads share the main heap, which can grow to any size), no
 mmap-served chunks and no trimming. It must run before JAX starts its CPU threads (the first computation);
