@@ -85,7 +85,7 @@ def main():
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "inference_cpu"))
   args = ap.parse_args()
-  host_memory = args.host_memory if hostmem.apply(args.host_memory) else "default"
+  host_memory = hostmem.apply(args.host_memory)  # the policy in effect
   import torch
   import transformers
   from mixtral_jax.config import ModelConfig

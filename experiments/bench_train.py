@@ -161,7 +161,7 @@ def main(argv=None):
                       help="malloc policy for the whole process, so for HF and ours alike (mixtral_jax/hostmem.py)")
   parser.add_argument("--out", default="", help="results path without extension (default results/bench_train_PRESET)")
   args = parser.parse_args(argv)
-  host_memory = args.host_memory if hostmem.apply(args.host_memory) else "default"
+  host_memory = hostmem.apply(args.host_memory)  # the policy in effect
   preset = PRESETS[args.preset]
   base_cfg = model_config_from({**preset["model"], "max_positions": max(4096, preset["seq_len"])})
   batch = make_batch(base_cfg, preset["batch"], preset["seq_len"])

@@ -56,9 +56,12 @@ def retain_freed_memory() -> bool:
   return ok
 
 
-def apply(policy: str) -> bool:
-  """`policy` from config.host_memory: 'retain' (retain_freed_memory) or 'default' (glibc as it is)."""
+def apply(policy: str) -> str:
+  """`policy` from config.host_memory: 'retain' (retain_freed_memory) or 'default' (glibc as it is).
+  Returns the policy in effect afterwards ('default' where 'retain' is not available)."""
   if policy not in POLICIES:
     from mixtral_jax.config import ConfigError
     raise ConfigError(f"config.host_memory={policy!r} is not one of {', '.join(POLICIES)}")
-  return retain_freed_memory() if policy == "retain" else False
+  if policy == "retain" and retain_freed_memory():
+    return "retain"
+  return "retain" if _applied else "default"
