@@ -37,8 +37,10 @@ def test_retained_memory_is_reused_without_page_faults():
   in_effect, default = _faults("default")
   assert in_effect == "default"
   pages = 3 * 200e6 / 4096
-  assert default > 0.5 * pages, default  # glibc unmaps the freed buffer: every page faults again
-  assert retained < 0.01 * pages, retained
+  assert retained < 0.01 * pages, retained  # the freed buffer is reused in place
+  # glibc unmaps the freed buffer and every page faults again: one fault per 4 KB page here, one per
+  # 2 MB where transparent huge pages are always on (then ~300 in all).
+  assert default > max(100, 20 * retained), (default, retained)
 
 
 def test_run_py_bad_host_memory_is_one_line_error():
