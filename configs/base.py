@@ -19,26 +19,38 @@ def parse_arg(arg, **defaults):
 
 
 def tiny_model():
-  """A CPU-size Mixtral: real vocabulary (the Mixtral tokenizer), everything else small.
-
-  dispatch="dropless": exact like dense (no token dropped) but computes only the chosen experts; a
-  forward+backward step at batch 8 x 128 tokens took ~30% less CPU time than dense (2 CPU cores).
-  """
+  """A CPU-size Mixtral: real vocabulary (the Mixtral tokenizer), everything else small. What the network
+  *is*; how it runs is `run_config()`."""
   return ml_collections.ConfigDict(dict(
       vocab_size=32000, dim=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, ffn_dim=256,
       num_experts=8, top_k=2, rope_theta=1e6, norm_eps=1e-5, sliding_window=0, max_positions=2048,
-      router="mixtral_topk", router_options={}, dispatch="dropless", capacity_factor=1.25,
-      num_shared_experts=0, router_jitter=0.0, router_logits_cap=0.0, grouped_matmul="auto",
-      param_dtype="float32", dtype="float32", remat="none",
-      scan_layers=True))
+      router="mixtral_topk", router_options={}, num_shared_experts=0, router_jitter=0.0,
+      router_logits_cap=0.0, param_dtype="float32"))
 
 
 def mixtral_8x7b_model():
   """The released Mixtral 8x7B hyperparameters (params.json / HF config.json)."""
   model = tiny_model()
   model.update(dict(dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, ffn_dim=14336,
-                    max_positions=32768, param_dtype="bfloat16", dtype="bfloat16"))
+                    max_positions=32768, param_dtype="bfloat16"))
   return model
+
+
+def run_config():
+  """How the model runs (mixtral_jax/execution.py): never stored with the weights. "auto" (and 0) take
+  the backend's measured defaults (execution.BACKENDS), every one exact: on CPU dropless for training,
+  sorted_loop for prefill, routed_cond for decode, per-layer/per-expert buffers for inference.
+  Override any field: --config.run.decode_dispatch=dense, --config.run.train_dispatch=capacity."""
+  return ml_collections.ConfigDict(dict(
+      train_dispatch="auto", prefill_dispatch="auto", decode_dispatch="auto",  # names in DISPATCHERS
+      capacity_factor=1.25,   # capacity dispatch only: buffer rows per expert = factor x balanced load
+      grouped_matmul="auto",  # dropless: blocks (CPU) | ragged_dot (accelerators)
+      layout="auto",          # stacked (lax.scan, training) | unstacked (per-layer buffers, CPU inference)
+      remat="none",           # none | full | dots | dots_with_no_batch_dims
+      dtype="auto",           # compute dtype; auto = the parameters' dtype
+      loop_block=0, causal_block=0,  # rows per sorted_loop block / causal attention block; 0 = auto
+      rope_identity="auto",   # on | off: XLA:CPU rotary-table workaround (execution.BACKENDS)
+  ))
 
 
 def train_config():
@@ -117,6 +129,7 @@ def get_config(arg=None):
   config.seed = 0
   config.host_memory = "retain"  # keep freed host memory for reuse (mixtral_jax/hostmem.py) | default
   config.model = tiny_model()
+  config.run = run_config()
   config.mesh = mesh()
   config.distributed = distributed()
   # summary mode: a forward pass on a random batch of this shape

@@ -20,9 +20,9 @@ def get_config(arg=None):
     config.model = base.mixtral_8x7b_model()
   elif variant.size != "tiny":
     raise ValueError(f"unknown size {variant.size!r}; known: tiny, 8x7b")
-  config.model.dispatch = variant.dispatch
+  config.run.train_dispatch = variant.dispatch
   # Capacity per token shard and expert: 2.0 keeps drops rare at the tiny size (n*k/E slots is the mean).
-  config.model.capacity_factor = 2.0
+  config.run.capacity_factor = 2.0
   config.mesh.update(dict(data=variant.data, fsdp=variant.fsdp, tensor=variant.tensor, expert=-1))
   # config.train.batch_size (8 sequences) must divide by data x fsdp x expert for the batch to split.
   return config

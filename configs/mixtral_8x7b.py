@@ -12,5 +12,5 @@ def get_config(arg=None):
   config.model = base.mixtral_8x7b_model()
   if variant.runlocal:
     config.model.update(dict(dim=256, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=32, ffn_dim=896,
-                             param_dtype="float32", dtype="float32"))
+                             param_dtype="float32"))
   return config

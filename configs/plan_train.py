@@ -17,7 +17,7 @@ def get_config(arg=None):
   config = base.get_config()
   config.mode = "plan_train"
   config.model = base.mixtral_8x7b_model() if variant.size == "8x7b" else base.tiny_model()
-  config.model.update(dict(remat=variant.remat, dispatch=variant.dispatch))
+  config.run.update(dict(remat=variant.remat, train_dispatch=variant.dispatch))
   config.batch_size = variant.batch
   config.seq_len = variant.seq
   config.mesh.update(dict(fsdp=variant.fsdp, expert=-1))

@@ -167,8 +167,9 @@ def save_model(path, model: Union[nnx.Module, Dict[str, Any]], config: Optional[
   """Saves a Mixtral (or a parameter pure dict plus its `config`) so load_model(path) rebuilds it.
   Sharded jax.Arrays are written shard by shard by Orbax (works multi-host)."""
   if isinstance(model, nnx.Module):
+    from mixtral_jax.model import state_of
     config = config or model.config
-    tree = nnx.to_pure_dict(nnx.state(model))
+    tree = state_of(model)  # the canonical (stacked) tree, whatever the model's layout
   else:
     tree = model
   if config is None:
@@ -206,7 +207,7 @@ def load_config(path, **overrides) -> ModelConfig:
   model = dict(load_metadata(path)["model"])
   model.update(overrides)
   try:
-    return config_lib.model_config_from(model)
+    return config_lib.from_dict(model)
   except config_lib.ConfigError as e:
     raise CheckpointError(f"{Path(path) / CONFIG}: {e}") from None
 
@@ -214,25 +215,50 @@ def load_config(path, **overrides) -> ModelConfig:
 Shardings = Union[None, jax.sharding.Sharding, Any, Callable[[nnx.State], Any]]
 
 
-def load_model(path, dtype: Optional[str] = "float32", shardings: Shardings = None, **config_overrides):
-  """Rebuilds the Mixtral saved at `path` (by the converter or save_model), ready to call.
+def load_model(path, dtype: Optional[str] = "float32", shardings: Shardings = None, *,
+               execution=None, quant: Optional[str] = None, **config_overrides):
+  """The Mixtral saved at `path`, ready to call, running the backend's fastest exact strategy.
 
-  dtype: parameter and compute dtype ("float32", "bfloat16", ...; None keeps the stored one); the cast
-    happens while reading. config_overrides: any other ModelConfig field (router, dispatch, remat, ...).
+  path: a converted checkpoint (the converter or save_model), and, through mixtral_jax.loading, also a
+    quantized checkpoint, a training workdir, an HF directory or a Mistral release.
+  dtype: parameter dtype ("float32", "bfloat16", ...; None keeps the stored one); the cast happens while
+    reading. The compute dtype follows it unless `execution.dtype` says otherwise.
+  execution: how it runs (mixtral_jax.execution.Execution; "auto" fields = this backend's inference
+    defaults). config_overrides: ModelConfig fields (router options, jitter...).
   shardings: where each parameter goes; each device reads only its own slice from disk. One of
     None (the default device), a single jax.sharding.Sharding for every parameter (e.g. replicated
     NamedSharding(mesh, P())), a pytree of Shardings shaped like params_of(model) or like nnx.State,
     or a callable taking the abstract nnx.State (Params carry `logical_axes` metadata) and returning
-    one of those.
+    one of those. With shardings the layout is the stacked one (what a mesh splits).
   """
+  from mixtral_jax import loading
+  from mixtral_jax.execution import resolve
+  from mixtral_jax.model import abstract_model, with_state
+  if loading.kind_of(path) != "mixtral_jax":
+    if shardings is not None or config_overrides:
+      raise CheckpointError(f"{path}: shardings and config overrides need a converted checkpoint "
+                            f"(python -m mixtral_jax.convert)")
+    return loading.load(path, dtype=dtype, execution=execution, quant=quant)
+  cfg, state = restore_state(path, dtype, shardings, **config_overrides)
+  if shardings is not None and (execution is None or execution.layout == "auto"):
+    from mixtral_jax.execution import Execution
+    execution = (execution or Execution()).replace(layout="stacked")
+  model = with_state(abstract_model(cfg, resolve(execution, param_dtype=cfg.param_dtype)), state)
+  if quant:
+    from mixtral_jax import quant as quant_lib
+    model = quant_lib.quantize_model(model, quant)
+  return model
+
+
+def restore_state(path, dtype: Optional[str] = "float32", shardings: Shardings = None, **config_overrides):
+  """(ModelConfig, canonical state pure dict) of a converted checkpoint; see load_model."""
   meta_dtype = load_metadata(path)["model"]["param_dtype"]
   dtype = dtype or meta_dtype
   if dtype not in config_lib.DTYPES:
     raise CheckpointError(f"dtype={dtype!r} is not one of {', '.join(config_lib.DTYPES)}")
-  cfg = load_config(path, **{"param_dtype": dtype, "dtype": dtype, **config_overrides})
-  from mixtral_jax.model import Mixtral  # noqa: PLC0415 -- keeps import-time cost off the CLI path
-  abstract = nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
+  cfg = load_config(path, **{"param_dtype": dtype, **config_overrides})
+  from mixtral_jax.model import STACKED, abstract_model  # noqa: PLC0415 -- keeps import cost off the CLI
+  state = nnx.state(abstract_model(cfg, STACKED))
   target = nnx.to_pure_dict(state)  # ShapeDtypeStruct leaves
   shardings = shardings(state) if callable(shardings) else shardings
   if shardings is None:
@@ -248,8 +274,7 @@ def load_model(path, dtype: Optional[str] = "float32", shardings: Shardings = No
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(_check_dir(path) / PARAMS,
                                     args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
-  nnx.replace_by_pure_dict(state, restored)
-  return nnx.merge(graphdef, state)
+  return cfg, restored
 
 
 def _flat(tree) -> Dict[str, Any]:

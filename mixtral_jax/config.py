@@ -37,24 +37,14 @@ class ModelConfig:
   max_positions: int = 32768
   router: str = "mixtral_topk"    # name in mixtral_jax.routers.ROUTERS
   router_options: tuple = ()      # extra router keyword arguments, as sorted (name, value) pairs
-  dispatch: str = "dense"         # name in mixtral_jax.dispatch.DISPATCHERS
-  capacity_factor: float = 1.25   # used by capacity-based dispatch only
   num_shared_experts: int = 0     # DeepSeekMoE-style always-on experts of width ffn_dim
   router_jitter: float = 0.0      # multiplicative noise on the router input, training only
   router_logits_cap: float = 0.0  # > 0: router logits soft-capped to cap * tanh(logits / cap); 0 = off
-  grouped_matmul: str = "auto"    # dropless dispatch: auto | blocks (CPU) | ragged_dot (accelerators)
-  param_dtype: str = "float32"
-  dtype: str = "float32"          # compute dtype; router math is float32 regardless
-  remat: str = "none"             # one of REMAT_POLICIES
-  scan_layers: bool = True        # one traced layer, scanned: compile time independent of depth
+  param_dtype: str = "float32"    # the stored weights' dtype (how it computes: execution.Execution)
 
   @property
   def jnp_param_dtype(self):
     return DTYPES[self.param_dtype]
-
-  @property
-  def jnp_dtype(self):
-    return DTYPES[self.dtype]
 
   @property
   def router_kwargs(self) -> dict:
@@ -71,8 +61,7 @@ _POSITIVE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "he
 def validate(cfg: ModelConfig) -> ModelConfig:
   """Checks a ModelConfig; raises ConfigError naming the field. Returns cfg for chaining."""
   # Imported here: the registries import this module.
-  from mixtral_jax import dispatch, routers
-  from mixtral_jax.grouped import GROUPED_MATMULS
+  from mixtral_jax import routers
 
   for name in _POSITIVE:
     value = getattr(cfg, name)
@@ -91,27 +80,23 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     raise ConfigError("config.model.rope_theta and config.model.norm_eps must be positive")
   if cfg.router not in routers.ROUTERS:
     raise ConfigError(f"config.model.router={cfg.router!r} is unknown; known: {', '.join(routers.ROUTERS.names())}")
-  if cfg.dispatch not in dispatch.DISPATCHERS:
-    raise ConfigError(f"config.model.dispatch={cfg.dispatch!r} is unknown; "
-                      f"known: {', '.join(dispatch.DISPATCHERS.names())}")
-  if cfg.capacity_factor <= 0:
-    raise ConfigError(f"config.model.capacity_factor must be positive, got {cfg.capacity_factor!r}")
   if cfg.num_shared_experts < 0 or cfg.router_jitter < 0:
     raise ConfigError("config.model.num_shared_experts and config.model.router_jitter must be >= 0")
   if not cfg.router_logits_cap >= 0:
     raise ConfigError(f"config.model.router_logits_cap must be >= 0 (0 = off), got {cfg.router_logits_cap!r}")
-  if cfg.grouped_matmul not in GROUPED_MATMULS:
-    raise ConfigError(f"config.model.grouped_matmul={cfg.grouped_matmul!r} is not one of "
-                      f"{', '.join(GROUPED_MATMULS)}")
   problem = routers.check_router_config(cfg.router, cfg.top_k, cfg.num_experts, cfg.router_kwargs)
   if problem:
     raise ConfigError(problem)
-  for name in ("param_dtype", "dtype"):
-    if getattr(cfg, name) not in DTYPES:
-      raise ConfigError(f"config.model.{name}={getattr(cfg, name)!r} is not one of {', '.join(DTYPES)}")
-  if cfg.remat not in REMAT_POLICIES:
-    raise ConfigError(f"config.model.remat={cfg.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+  if cfg.param_dtype not in DTYPES:
+    raise ConfigError(f"config.model.param_dtype={cfg.param_dtype!r} is not one of {', '.join(DTYPES)}")
   return cfg
+
+
+# Fields ModelConfig held before execution moved to `config.run` (mixtral_jax/execution.py), and where
+# they went. Stored configs of older checkpoints still carry them: `from_dict` drops them silently.
+MOVED_TO_RUN = {"dispatch": "train_dispatch / prefill_dispatch / decode_dispatch",
+                "capacity_factor": "capacity_factor", "grouped_matmul": "grouped_matmul", "dtype": "dtype",
+                "remat": "remat", "scan_layers": "layout"}
 
 
 def model_config_from(model: Mapping[str, Any] | ml_collections.ConfigDict) -> ModelConfig:
@@ -119,6 +104,10 @@ def model_config_from(model: Mapping[str, Any] | ml_collections.ConfigDict) -> M
   if isinstance(model, ml_collections.ConfigDict):
     model = model.to_dict()
   model = dict(model)
+  moved = sorted(set(model) & set(MOVED_TO_RUN))
+  if moved:
+    raise ConfigError(f"config.model.{moved[0]} is how the model runs, not what it is: set "
+                      f"config.run.{MOVED_TO_RUN[moved[0]]} instead")
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(model) - known)
   if unknown:
@@ -139,4 +128,5 @@ def to_dict(cfg: ModelConfig) -> dict:
 
 
 def from_dict(d: Mapping[str, Any]) -> ModelConfig:
-  return model_config_from(d)
+  """A stored config -> ModelConfig; execution fields written by older versions are ignored."""
+  return model_config_from({k: v for k, v in d.items() if k not in MOVED_TO_RUN})

@@ -42,7 +42,7 @@ def convert(src, dst, *, dtype: Optional[str] = None, overwrite: bool = False, f
   try:
     out = np.dtype(formats.FLOAT_DTYPES[dtype]) if dtype else source.dtype
     name = formats.dtype_name(out)
-    cfg = source.config.replace(param_dtype=name, dtype=name)
+    cfg = source.config.replace(param_dtype=name)
     tree = sources.stream_tree(source, out)
     if progress is not None:
       tree = _with_progress(tree, progress)

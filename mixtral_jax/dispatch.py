@@ -1,8 +1,9 @@
 """Dispatch strategies: given routed tokens, run the experts and combine their outputs.
 
 Each strategy is a pure function registered in DISPATCHERS:
-    fn(x [N, D], route: RouterOutput, w1 [E, D, F], w3 [E, D, F], w2 [E, F, D], *, dtype,
-       capacity_factor, top_k, grouped_matmul) -> (y [N, D], stats: dict of float32 scalars)
+    fn(x [N, D], route: RouterOutput, w1 [E, D, F], w3 [E, D, F], w2 [E, F, D], *, dtype, top_k,
+       capacity_factor, grouped_matmul, loop_block) -> (y [N, D], stats: dict of float32 scalars)
+(the keyword tuning comes from the execution spec; a strategy ignores what it does not use).
 Experts are SwiGLU: w2(silu(x w1) * (x w3)). Slots with weight 0 are unused and skipped.
 
   dense     every expert on every token; E/k times the active FLOPs; the reference.
@@ -28,6 +29,12 @@ from mixtral_jax.grouped import (block_layout, default_block_size, resolve_group
 from mixtral_jax.registry import Registry
 
 DISPATCHERS = Registry("dispatch")
+
+
+def all_dispatchers() -> Registry:
+  """DISPATCHERS with every module that registers strategies imported (inference and expert-parallel)."""
+  from mixtral_jax import dispatch_decode, expert_parallel  # noqa: F401
+  return DISPATCHERS
 
 
 def combine_matrix(route, num_experts: int) -> jax.Array:
@@ -85,7 +92,7 @@ def run_rows(x, weights, slot_row, num_rows: int, experts_fn, dtype):
 
 
 @DISPATCHERS.register("dense")
-def dense(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul=None):
+def dense(x, route, w1, w3, w2, *, dtype, **_):
   """Every expert on every token, weighted by the combine matrix. E/k times the active FLOPs: the
   reference the sparse strategies are tested against."""
   num_experts = w1.shape[0]
@@ -112,7 +119,7 @@ def _buffered(x, weights, experts, rank, kept, cap, w1, w3, w2, dtype):
 
 
 @DISPATCHERS.register("capacity")
-def capacity(x, route, w1, w3, w2, *, dtype, capacity_factor, top_k, grouped_matmul=None):
+def capacity(x, route, w1, w3, w2, *, dtype, capacity_factor, top_k, **_):
   """GShard (Lepikhin et al. 2020) / Switch (Fedus et al. 2021) capacity dispatch. Semantically the
   one-hot dispatch/combine tensors [N, E, C] of those papers; built as row gathers instead of einsums
   with [N, E, C] one-hots (which cost O(N^2) FLOPs per group). Experts run as one batched matmul over
@@ -133,8 +140,8 @@ FAST_CAPACITY = 1.125
 
 
 @DISPATCHERS.register("dropless")
-def dropless(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul="auto",
-             block_size=None, fast_capacity=FAST_CAPACITY):
+def dropless(x, route, w1, w3, w2, *, dtype, grouped_matmul="auto", block_size=None,
+             fast_capacity=FAST_CAPACITY, **_):
   """Dropless MoE (MegaBlocks, Gale et al. 2022, arXiv:2211.15841): every used slot is computed. Rows are
   grouped by expert (ranks from a running count, no sort needed), then
     blocks:     if every expert's load fits ceil(fast_capacity * S / E) rows (S slots), per-expert buffers

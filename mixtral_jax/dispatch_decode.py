@@ -9,7 +9,7 @@ Registered into dispatch.DISPATCHERS (same signature as the strategies there), c
                one block of block/4, block/2, 3 block/4 or block rows: the FLOPs are the active ones plus
                less than block/4 rows per expert.
 Both take the expert weights as a stacked [E, ...] array, or as an `ExpertList` of E separate buffers
-(what unstacked.py builds): XLA:CPU cannot feed a slice of a larger buffer to a matmul without copying
+(the "unstacked" layout, model.py): XLA:CPU cannot feed a slice of a larger buffer to a matmul without copying
 it first, which for decode triples the bytes an expert costs (read, write the copy, read it again).
 Weights may be QTensors (quant.py): only the chosen experts are dequantized.
 """
@@ -56,7 +56,7 @@ def swiglu(x, w1, w3, w2, dtype):  # [M, D] -> [M, D]
 
 
 @DISPATCHERS.register("routed_cond")
-def routed_cond(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul=None):
+def routed_cond(x, route, w1, w3, w2, *, dtype, **_):
   num_experts = w1.shape[0]
   x = x.astype(dtype)
   combine = combine_matrix(route, num_experts).astype(dtype)  # [N, E]
@@ -69,14 +69,37 @@ def routed_cond(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None
   return y, _drop_stats(used, used)  # nothing is dropped
 
 
-LOOP_BLOCK = 128  # rows per expert matmul in `sorted_loop` (read at trace time; a GPU wants more)
-TAIL_STEPS = 4  # sizes of an expert's last block in `sorted_loop`: LOOP_BLOCK * (1..TAIL_STEPS) / TAIL_STEPS
+TAIL_STEPS = 4  # sizes of an expert's last block in `sorted_loop`: loop_block * (1..TAIL_STEPS) / TAIL_STEPS
 
 
 @DISPATCHERS.register("sorted_loop")
-def sorted_loop(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul=None,
-                block=None):
-  block = block or LOOP_BLOCK
+def sorted_loop(x, route, w1, w3, w2, *, dtype, loop_block=128, **_):
+  """Forward: the loop below. Backward: `dropless`'s (the loop's trip counts are data-dependent, which
+  reverse-mode cannot differentiate; both compute the same function, so the gradient is exact)."""
+  from mixtral_jax.dispatch import dropless
+
+  def forward(x, route, w1, w3, w2):
+    return _sorted_loop(x, route, w1, w3, w2, dtype=dtype, block=loop_block)
+
+  def reference(x, route, w1, w3, w2):
+    as_stack = lambda w: w.astype(dtype) if isinstance(w, ExpertList) else w  # noqa: E731
+    return dropless(x, route, as_stack(w1), as_stack(w3), as_stack(w2), dtype=dtype, grouped_matmul="blocks")
+
+  @jax.custom_vjp
+  def run(*args):
+    return forward(*args)
+
+  def run_fwd(*args):
+    return forward(*args), args
+
+  def run_bwd(args, cotangent):
+    return jax.vjp(reference, *args)[1](cotangent)
+
+  run.defvjp(run_fwd, run_bwd)
+  return run(x, route, w1, w3, w2)
+
+
+def _sorted_loop(x, route, w1, w3, w2, *, dtype, block):
   n, d = x.shape
   k = route.experts.shape[1]
   num_experts = w1.shape[0]

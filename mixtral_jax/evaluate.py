@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -117,11 +118,22 @@ def perplexity(model, batches: Iterable[Mapping]) -> dict:
     return -jnp.sum(target * w), jnp.sum(w)
 
   total = count = 0.0
+  timed_tokens, timed_s, first_s = 0, 0.0, None
   for batch in batches:
+    t0 = time.perf_counter()
     s, c = nll(model, {k: jnp.asarray(v) for k, v in batch.items()})
     total, count = total + float(s), count + float(c)
+    if first_s is None:  # the first batch compiles
+      first_s = time.perf_counter() - t0
+    else:
+      timed_s += time.perf_counter() - t0
+      timed_tokens += int(np.size(batch["tokens"]))
   mean = total / max(count, 1.0)
-  return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(count)}
+  out = {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(count),
+         "first_batch_s": first_s}
+  if timed_s:  # forward tokens (every position of every row) per second after the first batch
+    out["tokens_per_s"] = timed_tokens / timed_s
+  return out
 
 
 def read_choice_items(path: str) -> list:

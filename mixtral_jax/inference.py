@@ -4,13 +4,12 @@
     python run.py --config=configs/generate.py --config.checkpoint=DIR --config.quant=q4
     python run.py --config=configs/plan.py --config.plan.quant=q4 --config.plan.batch=4
 
-`checkpoint` may be a mixtral_jax checkpoint (written by `python -m mixtral_jax.convert` or
-save_model), a quantized checkpoint (quant.save_quantized), or an HF directory (config.json +
-*.safetensors); empty = random weights for `config.model` (a smoke test of the pipeline).
+`checkpoint` may be anything mixtral_jax.loading reads (a converted or quantized checkpoint, a training
+workdir, an HF directory, a Mistral release); empty = random weights for `config.model` (a smoke test).
+How it runs is `config.run` (mixtral_jax/execution.py): by default the backend's fastest exact strategy.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -23,61 +22,33 @@ from mixtral_jax.modes import MODES
 from mixtral_jax.planner import format_plan, plan
 
 
-def load_hf_dir(path: str, dtype: str = "float32"):
-  """An HF Mixtral directory (config.json + *.safetensors, sharded or not) -> Mixtral, through the
-  converter's reader (sources.py): the same layouts and the same checks, tensor by tensor."""
-  from mixtral_jax import sources
-  from mixtral_jax.model import from_params
-  source = sources.open_source(path, "hf")
-  try:
-    cfg = source.config.replace(param_dtype=dtype, dtype=dtype)
-    params = sources.read_tree(source, cfg.jnp_param_dtype)
-  finally:
-    source.close()
-  return from_params(cfg, params)
-
-
-def _user_error(load):
-  """Runs load(); a CheckpointError (a bad file, named in its message) becomes the ConfigError run.py
-  reports as one line."""
+def load_for_inference(config):
+  """config.checkpoint (+ config.quant, config.run) -> a model ready for sampling.generate: any kind of
+  checkpoint (mixtral_jax.loading), running the backend's fastest exact inference unless config.run says
+  otherwise. No checkpoint: random weights for config.model (a smoke test of the pipeline)."""
+  from mixtral_jax import loading
+  from mixtral_jax.execution import execution_from
   from mixtral_jax.formats import CheckpointError
+  from mixtral_jax.model import build
+  path, dtype = config.checkpoint, config.model.param_dtype
+  quant = None if config.get("quant") in ("", "none", None) else config.quant
+  if quant is not None and quant not in quant_lib.LEVELS:
+    raise ConfigError(f"config.quant={config.quant!r} is not one of none, {', '.join(quant_lib.LEVELS)}")
+  run = execution_from(config.get("run"))
+  if not path:
+    print(f"no config.checkpoint: random weights for config.model (seed {config.seed})", file=sys.stderr)
+    model = build(model_config_from(config.model), seed=config.seed, execution=run)
+    return quant_lib.quantize_model(model, quant) if quant else model
   try:
-    return load()
+    return loading.load(path, dtype=dtype, execution=run, quant=quant)
   except CheckpointError as e:
     raise ConfigError(f"config.checkpoint: {e}") from None
 
 
-def load_for_inference(config):
-  """config.checkpoint (+ config.quant) -> a model ready for sampling.generate, in the inference layout."""
-  path, dtype = config.checkpoint, config.model.param_dtype
-  if config.quant not in ("", "none", None) and config.quant not in quant_lib.LEVELS:
-    raise ConfigError(f"config.quant={config.quant!r} is not one of none, {', '.join(quant_lib.LEVELS)}")
-  if not path:
-    from mixtral_jax.model import build
-    print(f"no config.checkpoint: random weights for config.model (seed {config.seed})", file=sys.stderr)
-    model = build(model_config_from(config.model), seed=config.seed)
-  elif not os.path.isdir(path):
-    raise ConfigError(f"config.checkpoint={path} is not a directory")
-  elif quant_lib.is_quantized_checkpoint(path):
-    model = quant_lib.load_quantized(path)
-  elif os.path.isdir(os.path.join(path, "params")) and os.path.isdir(os.path.join(path, "config")):
-    from mixtral_jax import checkpoint
-    model = _user_error(lambda: checkpoint.load_model(path, dtype=dtype))
-  elif os.path.isfile(os.path.join(path, "config.json")):
-    model = _user_error(lambda: load_hf_dir(path, dtype))
-  else:
-    raise ConfigError(f"config.checkpoint={path} holds no checkpoint (no params/, quantized.json or config.json)")
-  if config.quant and config.quant != "none":
-    if getattr(model, "quant", None):
-      raise ConfigError(f"config.checkpoint={path} is already quantized ({model.quant}); drop config.quant")
-    model = quant_lib.quantize_model(model, config.quant)
-  from mixtral_jax.unstacked import unstack
-  return unstack(model)  # the inference layout: per-layer, per-expert buffers (unstacked.py)
-
-
 @MODES.register("generate")
 def generate_mode(config, workdir):
-  """Streams the continuation of config.prompt and reports prefill and decode tokens per second."""
+  """Streams the continuation of config.prompt and reports prefill and decode tokens per second. Both
+  programs are compiled ahead of time (reported separately), then run once, streamed."""
   from mixtral_jax.tokenizer import Tokenizer
   tok = Tokenizer(config.tokenizer or None)
   model = load_for_inference(config)
@@ -89,43 +60,41 @@ def generate_mode(config, workdir):
   n_new = config.max_new_tokens
   options = dict(temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
   key = jax.random.key(config.seed)
-  chunk = config.prefill_chunk
   eos = tok.eos_id if config.stop_at_eos else None
-
+  try:
+    t0 = time.perf_counter()
+    run_prefill = sampling.prefill(model, ids, n_new, prompt_mask=mask, key=key, chunk=config.prefill_chunk,
+                                   compile_only=True, **options)
+    compile_prefill = time.perf_counter() - t0
+  except sampling.GenerationError as e:
+    raise ConfigError(f"generation: {e}") from None
   t0 = time.perf_counter()
-  state = sampling.prefill(model, ids, n_new, prompt_mask=mask, key=key, chunk=chunk, **options)
-  jax.block_until_ready(state)
-  compile_prefill = time.perf_counter() - t0
-  t0 = time.perf_counter()  # second call: compiled, the time of the prefill alone
-  state = sampling.prefill(model, ids, n_new, prompt_mask=mask, key=key, chunk=chunk, **options)
-  jax.block_until_ready(state)
+  state = jax.block_until_ready(run_prefill())
   prefill_s = time.perf_counter() - t0
 
-  stream, printing = tok.stream(), []
+  prompt_ids = tok.encode(config.prompt, bos=True)
+  stream = tok.stream(prompt_ids)  # seeded with the prompt: the first word keeps its leading space
 
   def on_token(step, tokens):  # called on the host for every new token, from inside the jitted loop
-    if printing:
-      print(stream.push(int(tokens[0])), end="", flush=True)
+    print(stream.push(int(tokens[0])), end="", flush=True)
 
-  # The first decode call compiles (and runs silently); the second, streamed one is timed.
   t0 = time.perf_counter()
-  sampling.decode(model, state, eos_id=eos, callback=on_token, **options).tokens.block_until_ready()
+  run_decode = sampling.decode(model, state, eos_id=eos, callback=on_token, compile_only=True, **options)
   compile_decode = time.perf_counter() - t0
-  state = sampling.prefill(model, ids, n_new, prompt_mask=mask, key=key, chunk=chunk, **options)
-  printing.append(True)
   print(config.prompt, end="", flush=True)
   t0 = time.perf_counter()
-  out = sampling.decode(model, state, eos_id=eos, callback=on_token, **options).tokens
+  out = run_decode().tokens
   out.block_until_ready()
   decode_s = time.perf_counter() - t0
-  print()
+  print(stream.flush() if hasattr(stream, "flush") else "")
   generated = int(sampling.generated_lengths(out, ids.shape[1], eos).max())
   steps = max(generated - 1, 1)  # the first token comes from the prefill
-  print(f"[{getattr(model, 'quant', None) or cfg.param_dtype}] prefill: {ids.size} tokens in "
-        f"{prefill_s * 1e3:.1f} ms = {ids.size / prefill_s:.1f} tok/s | decode: {steps} steps x batch "
-        f"{len(prompts)} in {decode_s * 1e3:.1f} ms = {steps * len(prompts) / decode_s:.1f} tok/s "
-        f"({decode_s / steps * 1e3:.2f} ms/step) | compile+first run: prefill {compile_prefill:.1f} s, "
-        f"decode {compile_decode:.1f} s", file=sys.stderr)
+  run = model.execution
+  print(f"[{getattr(model, 'quant', None) or cfg.param_dtype}; {run.layout}, prefill {run.prefill_dispatch}, "
+        f"decode {run.decode_dispatch}] prefill: {ids.size} tokens in {prefill_s * 1e3:.1f} ms = "
+        f"{ids.size / prefill_s:.1f} tok/s | decode: {steps} steps x batch {len(prompts)} in "
+        f"{decode_s * 1e3:.1f} ms = {steps * len(prompts) / decode_s:.1f} tok/s ({decode_s / steps * 1e3:.2f} "
+        f"ms/step) | compile: prefill {compile_prefill:.1f} s, decode {compile_decode:.1f} s", file=sys.stderr)
 
 
 @MODES.register("plan")

@@ -35,19 +35,19 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float):
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, *, identity: bool = False):
   """cos/sin tables for rotate-half rotary embeddings: positions [B, T] -> 2 x [B, T, Dh] float32.
 
-  On CPU the tables leave through a matmul with the identity (exact at HIGHEST precision), which XLA
-  cannot fuse into their consumers: otherwise it fuses cos and sin into every rotation and evaluates
-  them once per head instead of once per position, ~2% of a prefill (optimization_barrier does not stop
-  that on CPU, where it is removed before fusion).
+  identity (execution.BACKENDS: on for XLA:CPU): the tables leave through a matmul with the identity
+  (exact at HIGHEST precision), which XLA cannot fuse into their consumers: otherwise XLA:CPU fuses cos
+  and sin into every rotation and evaluates them once per head instead of once per position, ~2% of a
+  prefill (optimization_barrier does not stop that on CPU, where it is removed before fusion).
   """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [Dh/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
   angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, Dh]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
-  if jax.default_backend() != "cpu":
+  if not identity:
     return cos, sin
   eye = jnp.eye(head_dim, dtype=jnp.float32)
   materialise = lambda t: jnp.einsum("btd,de->bte", t, eye, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
@@ -75,9 +75,6 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, sliding_window: Optional[int]) ->
   return mask
 
 
-CAUSAL_BLOCK = 128  # query rows per block of block-causal self-attention (read at trace time)
-
-
 def _attend(q, k, v, mask) -> jax.Array:
   """q [B, K, G, T, Dh] (grouped by KV head), k/v [B, K, S, Dh], mask [B, T, S] -> [B, K, G, T, Dh].
 
@@ -92,13 +89,13 @@ def _attend(q, k, v, mask) -> jax.Array:
   return jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(b, kv_heads, g, t, dh)
 
 
-def dot_product_attention(q, k, v, mask, *, causal_self: bool = False) -> jax.Array:
+def dot_product_attention(q, k, v, mask, *, causal_self: bool = False, block: int = 128) -> jax.Array:
   """Grouped-query attention. q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] -> [B, T, H, Dh].
 
   causal_self: the keys are the queries' own tokens in the same order (no cache, or a fresh one). Then a
   query never sees a later token of the sequence (HF's index-causal rule, ANDed with `mask`), and queries
-  run in blocks of CAUSAL_BLOCK rows over only the keys up to their block's end: the score matrices'
-  upper blocks, all masked, are never computed (5/8 of the work at T = 4 blocks). Exact.
+  run in blocks of `block` rows (Execution.causal_block) over only the keys up to their block's end: the
+  score matrices' upper blocks, all masked, are never computed (5/8 of the work at T = 4 blocks). Exact.
   """
   b, t, h, dh = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
@@ -108,7 +105,7 @@ def dot_product_attention(q, k, v, mask, *, causal_self: bool = False) -> jax.Ar
     assert s == t, (s, t)
     index = jnp.arange(t)
     mask = mask & (index[:, None] >= index[None, :])  # [B, T, S]
-  block = CAUSAL_BLOCK if causal_self else t
+  block = block if causal_self else t
   outs = []
   for start in range(0, t, block):  # one iteration unless causal_self and t > block
     end = min(start + block, t)
@@ -132,8 +129,9 @@ class Attention(nnx.Module):
     self.sliding_window = sliding_window
     self.dtype = dtype
 
-  def __call__(self, x, positions, segment_ids, cache=None):
-    """x [B, T, D]; positions, segment_ids [B, T].
+  def __call__(self, x, positions, segment_ids, cache=None, *, causal_block: int = 128,
+               rope_identity: bool = False):
+    """x [B, T, D]; positions, segment_ids [B, T]. causal_block, rope_identity: execution tuning.
 
     cache: None, or (k [B, S, K, Dh], v [B, S, K, Dh], k_pos [B, S], k_seg [B, S], old_pos [B, S],
     old_seg [B, S], slots [T], fresh) where k_pos/k_seg already describe the cache *after* this step's
@@ -146,12 +144,12 @@ class Attention(nnx.Module):
     q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))  # [B, T, H, Dh]
     k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))  # [B, T, K, Dh]
     v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))  # [B, T, K, Dh]
-    cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+    cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, identity=rope_identity)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     if cache is None:
       mask = attention_mask(positions, positions, segment_ids, segment_ids, self.sliding_window)
-      out = dot_product_attention(q, k, v, mask, causal_self=True)
+      out = dot_product_attention(q, k, v, mask, causal_self=True, block=causal_block)
       new_cache = None
     else:
       k_cache, v_cache, k_pos, k_seg, old_pos, old_seg, slots, fresh = cache
@@ -173,7 +171,7 @@ class Attention(nnx.Module):
           key_pos = jnp.concatenate([old_pos, positions], axis=1)  # [B, S + T]
           key_seg = jnp.concatenate([old_seg, segment_ids], axis=1)
         mask = attention_mask(positions, key_pos, segment_ids, key_seg, self.sliding_window)
-        out = dot_product_attention(q, keys, values, mask, causal_self=fresh)
+        out = dot_product_attention(q, keys, values, mask, causal_self=fresh, block=causal_block)
         keep = slots.shape[0]  # the last min(T, S) tokens are the ones a cache of S slots can hold
         k_cache = k_cache.at[:, slots].set(k[:, -keep:].astype(k_cache.dtype))
         v_cache = v_cache.at[:, slots].set(v[:, -keep:].astype(v_cache.dtype))

@@ -1,5 +1,8 @@
 """The sparse MoE block: router looked up by name, stacked SwiGLU experts, dispatch looked up by name.
 
+The block stores what it *is* (router, expert weights); which dispatch strategy runs is an argument of
+each call, picked by the model for the phase from its execution spec (mixtral_jax/execution.py).
+
 Block options (all from ModelConfig): shared experts always applied (DeepSeekMoE, Dai et al. 2024,
 arXiv:2401.06066); fine-grained experts are just config (more, narrower experts: num_experts x m,
 ffn_dim / m, top_k x m); router jitter (multiplicative noise on the router input only, Switch
@@ -11,8 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax import expert_parallel  # noqa: F401  (registers the ep_* dispatch strategies)
-from mixtral_jax.dispatch import DISPATCHERS
+from mixtral_jax.dispatch import all_dispatchers
 from mixtral_jax.layers import normal_param
 from mixtral_jax.routers import ROUTERS
 
@@ -37,9 +39,8 @@ class MoEBlock(nnx.Module):
   """Routes each token to experts and sums their outputs; returns what it computed, no losses."""
 
   def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, *, router: str,
-               router_options: dict, dispatch: str, capacity_factor: float, num_shared_experts: int,
-               router_jitter: float, dtype, param_dtype, rngs: nnx.Rngs, router_logits_cap: float = 0.0,
-               grouped_matmul: str = "auto"):
+               router_options: dict, num_shared_experts: int, router_jitter: float, dtype, param_dtype,
+               rngs: nnx.Rngs, router_logits_cap: float = 0.0):
     self.router = ROUTERS.get(router)(dim, num_experts, top_k, param_dtype=param_dtype, rngs=rngs,
                                       logits_cap=router_logits_cap, **router_options)
     self.w1 = normal_param(rngs, (num_experts, dim, ffn_dim), param_dtype, ("expert", "embed", "mlp"))
@@ -47,15 +48,15 @@ class MoEBlock(nnx.Module):
     self.w2 = normal_param(rngs, (num_experts, ffn_dim, dim), param_dtype, ("expert", "mlp", "embed"))
     self.shared = (SwiGLU(dim, ffn_dim * num_shared_experts, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                    if num_shared_experts else None)
-    self.dispatch = dispatch
-    self.grouped_matmul = grouped_matmul
     self.top_k = top_k
-    self.capacity_factor = capacity_factor
     self.router_jitter = router_jitter
     self.dtype = dtype
 
-  def __call__(self, x, *, token_ids=None, train=False, key=None):
-    """x [B, T, D] -> (y [B, T, D], RouterOutput with [B, T, ...] leaves, stats dict)."""
+  def __call__(self, x, *, dispatch: str, token_ids=None, train=False, key=None, capacity_factor=1.25,
+               grouped_matmul="blocks", loop_block=128):
+    """x [B, T, D] -> (y [B, T, D], RouterOutput with [B, T, ...] leaves, stats dict).
+
+    dispatch: a name in DISPATCHERS; capacity_factor, grouped_matmul, loop_block: its tuning."""
     b, t, d = x.shape
     flat = x.reshape(b * t, d)  # [N, D]
     router_key = jitter_key = None
@@ -69,9 +70,9 @@ class MoEBlock(nnx.Module):
       router_in = flat.astype(jnp.float32) * noise
     ids = None if token_ids is None else token_ids.reshape(b * t)
     route = self.router(router_in, token_ids=ids, train=train, key=router_key)
-    y, stats = DISPATCHERS.get(self.dispatch)(
-        flat, route, self.w1[...], self.w3[...], self.w2[...], dtype=self.dtype,
-        capacity_factor=self.capacity_factor, top_k=self.top_k, grouped_matmul=self.grouped_matmul)
+    y, stats = all_dispatchers().get(dispatch)(
+        flat, route, self.w1[...], self.w3[...], self.w2[...], dtype=self.dtype, top_k=self.top_k,
+        capacity_factor=capacity_factor, grouped_matmul=grouped_matmul, loop_block=loop_block)
     if self.shared is not None:
       y = y + self.shared(flat)
     route = jax.tree.map(lambda a: a.reshape(b, t, *a.shape[1:]), route)

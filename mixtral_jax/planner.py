@@ -44,7 +44,7 @@ def plan(cfg: ModelConfig, *, quant: Optional[str] = None, batch: int = 1, conte
   if batch < 1 or context < 1:
     raise ValueError(f"config.plan.batch and config.plan.context must be >= 1, got {batch}, {context}")
   pbytes = jnp.dtype(cfg.jnp_param_dtype).itemsize
-  abytes = jnp.dtype(cfg.jnp_dtype).itemsize
+  abytes = pbytes  # inference computes in the parameters' dtype (execution's dtype="auto")
   groups = parameter_groups(cfg)
   qbits = bits_per_weight(quant, rows=cfg.dim) if quant else 8 * pbytes
   weights = groups["quantizable"] * qbits / 8 + groups["other"] * pbytes

@@ -246,8 +246,9 @@ def save_quantized(path, model) -> str:
   from safetensors.numpy import save_file
   from mixtral_jax import config as config_lib
   os.makedirs(path, exist_ok=True)
+  from mixtral_jax.model import state_of
   arrays, layout = {}, {}
-  pure = nnx.to_pure_dict(nnx.state(model))
+  pure = state_of(model)  # canonical (stacked) names, whatever the layout
   for p, leaf in jax.tree_util.tree_flatten_with_path(pure, is_leaf=lambda x: isinstance(x, QTensor))[0]:
     name = ".".join(str(getattr(k, "key", k)) for k in p)
     if isinstance(leaf, QTensor):
@@ -268,19 +269,20 @@ def save_quantized(path, model) -> str:
   return path
 
 
-def load_quantized(path):
-  """Rebuilds a model written by save_quantized: a Mixtral whose quantized Params hold QTensors."""
+def load_quantized(path, execution=None):
+  """Rebuilds a model written by save_quantized: a Mixtral whose quantized Params hold QTensors, in
+  `execution`'s layout (default: this backend's inference one)."""
   from safetensors.numpy import load_file
-  from mixtral_jax.config import model_config_from
-  from mixtral_jax.model import Mixtral
+  from mixtral_jax.config import from_dict
+  from mixtral_jax.model import STACKED, abstract_model, with_execution
   meta_path = os.path.join(path, QUANT_META)
   if not os.path.isfile(meta_path):
     raise QuantError(f"{path} is not a quantized checkpoint ({QUANT_META} is missing)")
   with open(meta_path) as f:
     meta = json.load(f)
-  cfg = model_config_from(meta["model"])
+  cfg = from_dict(meta["model"])
   arrays = load_file(os.path.join(path, QUANT_ARRAYS))
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(abstract_model(cfg, STACKED))  # stored in the canonical layout
 
   def restore(p, spec):
     name = ".".join(str(getattr(k, "key", k)) for k in p)
@@ -298,4 +300,4 @@ def load_quantized(path):
   nnx.replace_by_pure_dict(state, pure)
   model = nnx.merge(graphdef, state)
   model.quant = meta.get("quant")
-  return model
+  return with_execution(model, execution or model.execution.replace(layout="auto"))

@@ -27,13 +27,11 @@ import numpy as np
 from flax import nnx, struct
 from jax.experimental import io_callback
 
-from mixtral_jax import dispatch_decode  # noqa: F401 -- registers routed_cond / sorted_loop
 from mixtral_jax.model import KVCache
-from mixtral_jax.moe import MoEBlock
 
-# Expert dispatch used by generation (see dispatch_decode.py): both compute exactly what `dense` does
-# (no token is dropped) but only for the experts tokens chose. "config" keeps the model's own.
-PREFILL_DISPATCH, DECODE_DISPATCH = "sorted_loop", "routed_cond"
+# The model decides how it runs: its execution's prefill dispatch for the prompt, its decode dispatch for
+# each new token (mixtral_jax/execution.py). To generate with other strategies, generate with
+# model.with_execution(model, prefill_dispatch=..., decode_dispatch=...).
 
 
 class GenerationError(ValueError):
@@ -129,7 +127,7 @@ def cache_size(config, prompt_len: int, max_new_tokens: int) -> int:
 
 def head_logits(model, hidden):
   """Final-normed hidden [B, D] -> logits [B, V] float32 (only the positions we sample from)."""
-  dt = model.config.jnp_dtype
+  dt = model.dtype
   return jnp.einsum("bd,dv->bv", hidden.astype(dt), model.lm_head[...].astype(dt),
                     preferred_element_type=jnp.float32)
 
@@ -142,29 +140,26 @@ def _sampler(greedy: bool, options):
   return functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
-def _with_dispatch(model, name: str):
-  """Sets the dispatch strategy of every MoE block of a freshly merged (traced) model."""
-  if name != "config":
-    for _, module in model.iter_modules():
-      if isinstance(module, MoEBlock):
-        module.dispatch = name
-  return model
+def _ahead_of_time(fn, args, static):
+  """Compiles fn(*args, **static) now; returns a callable running it (args[0], the graphdef, is static)."""
+  compiled = fn.lower(*args, **static).compile()
+  run = functools.partial(compiled, *args[1:])
+  run.compiled = compiled
+  return run
 
 
 def _options(temperature, top_k, top_p):
   return (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "size", "greedy", "pad_id", "chunk",
-                                                   "dispatch"))
-def _prefill(graphdef, state, tokens, lengths, key, options, *, max_new_tokens, size, greedy, pad_id, chunk,
-             dispatch):
-  model = _with_dispatch(nnx.merge(graphdef, state), dispatch)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "size", "greedy", "pad_id", "chunk"))
+def _prefill(graphdef, state, tokens, lengths, key, options, *, max_new_tokens, size, greedy, pad_id, chunk):
+  model = nnx.merge(graphdef, state)
   b, t = tokens.shape
   cols = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]
   seg = (cols >= t - lengths[:, None]).astype(jnp.int32)  # [B, T] 1 = real token (left padding)
   pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)  # [B, T] positions count real tokens only
-  cache = KVCache.init(model.config, b, size)
+  cache = KVCache.init(model.config, b, size, model.dtype)
   # Chunked prefill bounds the [B, H, chunk, slots + chunk] attention scores (see planner.py).
   for start in range(0, t, chunk or t):
     cols = slice(start, min(start + (chunk or t), t))
@@ -179,10 +174,10 @@ def _prefill(graphdef, state, tokens, lengths, key, options, *, max_new_tokens, 
                      done=jnp.zeros((b,), bool), step=jnp.ones((), jnp.int32), key=key)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "pad_id", "callback", "dispatch"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "pad_id", "callback"),
                    donate_argnames=("state",))
-def _decode(graphdef, params, state: DecodeState, options, eos_id, *, greedy, pad_id, callback, dispatch):
-  model = _with_dispatch(nnx.merge(graphdef, params), dispatch)
+def _decode(graphdef, params, state: DecodeState, options, eos_id, *, greedy, pad_id, callback):
+  model = nnx.merge(graphdef, params)
   sample = _sampler(greedy, options)
   b, width = state.tokens.shape
   max_new = width - state.cache.index  # cache.index == T after prefill, whatever the cache size
@@ -219,9 +214,10 @@ def _decode(graphdef, params, state: DecodeState, options, eos_id, *, greedy, pa
 
 def prefill(model, tokens, max_new_tokens: int, *, prompt_mask=None, key=None, temperature: float = 0.0,
             top_k: int = 0, top_p: float = 1.0, pad_id: int = 0, chunk: int = 0,
-            dispatch: str = PREFILL_DISPATCH) -> DecodeState:
+            compile_only: bool = False) -> DecodeState:
   """Runs the prompt through the model into a fresh cache (in chunks of `chunk` tokens; 0 = all at
-  once) and samples the first new token."""
+  once) and samples the first new token. compile_only: compile ahead of time, run nothing, and return a
+  zero-argument callable that runs this very call (no retracing; `.compiled` is the XLA program)."""
   check_sampling(temperature, top_k, top_p, key)
   tokens, lengths = left_align(tokens, prompt_mask, pad_id)
   cfg = model.config
@@ -235,23 +231,29 @@ def prefill(model, tokens, max_new_tokens: int, *, prompt_mask=None, key=None, t
     raise GenerationError(f"token ids must be in [0, {cfg.vocab_size}), got {tokens.min()}..{tokens.max()}")
   graphdef, state = nnx.split(model)
   key = jax.random.key(0) if key is None else key
-  return _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key,
-                  _options(temperature, top_k, top_p), max_new_tokens=max_new_tokens,
-                  size=cache_size(cfg, tokens.shape[1], max_new_tokens), greedy=temperature == 0,
-                  pad_id=pad_id, chunk=int(chunk), dispatch=dispatch)
+  args = (graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), key, _options(temperature, top_k, top_p))
+  static = dict(max_new_tokens=max_new_tokens, size=cache_size(cfg, tokens.shape[1], max_new_tokens),
+                greedy=temperature == 0, pad_id=pad_id, chunk=int(chunk))
+  if compile_only:
+    return _ahead_of_time(_prefill, args, static)
+  return _prefill(*args, **static)
 
 
 def decode(model, state: DecodeState, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            eos_id: Optional[int] = None, pad_id: int = 0,
            callback: Optional[Callable[[jax.Array, jax.Array], None]] = None,
-           dispatch: str = DECODE_DISPATCH) -> DecodeState:
+           compile_only: bool = False) -> DecodeState:
   """Generates the remaining tokens in one jitted while_loop. `callback(step, tokens [B])`, if given,
   is called on the host for every new token (in order) and is how text is streamed. `state` is
-  donated: its cache buffer is reused."""
+  donated: its cache buffer is reused (not with compile_only, which compiles ahead of time and runs
+  nothing)."""
   graphdef, params = nnx.split(model)
   eos = jnp.int32(-1 if eos_id is None else eos_id)
-  return _decode(graphdef, params, state, _options(temperature, top_k, top_p), eos,
-                 greedy=temperature == 0, pad_id=pad_id, callback=callback, dispatch=dispatch)
+  args = (graphdef, params, state, _options(temperature, top_k, top_p), eos)
+  static = dict(greedy=temperature == 0, pad_id=pad_id, callback=callback)
+  if compile_only:
+    return _ahead_of_time(_decode, args, static)
+  return _decode(*args, **static)
 
 
 def generate(model, tokens, max_new_tokens: int, temperature: float = 0.0, *, top_k: int = 0,

@@ -201,8 +201,8 @@ def state_shardings(model_or_state, mesh: Mesh, rules: Mapping[str, tuple]) -> d
 def abstract_state(config, mesh: Mesh, rules: Mapping[str, tuple]) -> dict:
   """Pure dict of jax.ShapeDtypeStruct(shape, dtype, sharding) for a Mixtral with `config`: the restore
   target for Orbax onto `mesh`, and the input of the memory planner. Allocates nothing."""
-  from mixtral_jax.model import Mixtral
-  abstract = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+  from mixtral_jax.model import STACKED, abstract_model
+  abstract = abstract_model(config, STACKED)
   shardings = state_shardings(abstract, mesh, rules)
   shapes = nnx.to_pure_dict(nnx.state(abstract))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -217,17 +217,16 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, tuple]) -> nn
   return model
 
 
-def init_model(config, seed: int, mesh: Mesh, rules: Mapping[str, tuple]):
-  """A randomly initialised Mixtral created directly in its sharded layout: each device computes only its
-  shards (jit with out_shardings), so an 8x7B never exists whole on one device."""
-  from mixtral_jax.model import Mixtral, build
-  model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
-  shardings = state_shardings(model, mesh, rules)
-  values = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build(config, seed))), out_shardings=shardings)()
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, values)
-  nnx.update(model, state)
-  return model
+def init_model(config, seed: int, mesh: Mesh, rules: Mapping[str, tuple], execution=None):
+  """`model.build(config, seed)`'s weights created directly in their sharded layout (the same program
+  with sharded outputs: each device computes only its shards), so an 8x7B never exists whole on one
+  device. The layout is the stacked one (what the rules split)."""
+  from mixtral_jax.execution import Execution
+  from mixtral_jax.model import abstract_model, init_state, with_state
+  run = (execution or Execution()).replace(layout="stacked")
+  skeleton = abstract_model(config, run)
+  values = init_state(config, seed, out_shardings=state_shardings(skeleton, mesh, rules))
+  return with_state(skeleton, values)
 
 
 def mesh_from_config(config) -> tuple:
@@ -253,8 +252,8 @@ def place_tree(tree: Any, config, mesh: Mesh, rules: Mapping[str, tuple]):
   state dict. A leaf takes the sharding of the model variable whose path its own dict-key path ends with
   and whose shape it has (so AdamW's mu/nu follow their parameter); anything else (step counters, RNG
   keys, LoRA adapters) is replicated."""
-  from mixtral_jax.model import Mixtral
-  abstract = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+  from mixtral_jax.model import STACKED, abstract_model
+  abstract = abstract_model(config, STACKED)
   known = {path: (tuple(v.shape), NamedSharding(mesh, logical_to_spec(variable_logical_axes(path, v), rules,
                                                                        mesh, v.shape)))
            for path, v in _flat_variables(abstract)}

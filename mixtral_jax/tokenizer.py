@@ -76,27 +76,70 @@ class Tokenizer:
       ids[i, cols], mask[i, cols] = row, 1
     return ids, mask
 
-  def stream(self) -> "StreamDecoder":
-    return StreamDecoder(self)
+  def stream(self, prefix_ids: Sequence[int] = ()) -> "StreamDecoder":
+    """A StreamDecoder that continues `prefix_ids` (the prompt as encode() returns it, BOS included).
+
+    Seeded with the prompt, a first generated `▁word` keeps its space; decoded alone it would lose it.
+    """
+    return StreamDecoder(self, prefix_ids)
 
 
 class StreamDecoder:
-  """Incremental detokenizer: feed ids one at a time, get the new text.
+  """Incremental detokenizer: push generated ids, get the new text; flush() at the end.
 
-  Decoding pieces one by one is wrong twice over: SentencePiece drops a leading space of a lone `▁word`
-  piece, and byte-fallback characters span several pieces. So this decodes the whole sequence and emits
-  only what is new, holding back a trailing incomplete UTF-8 character (decoded as U+FFFD).
+  For a prefix of whole characters, decode(prefix) + every push + flush() == decode(prefix + pushed), and
+  the pushes so far are always a prefix of that. Decoding ids one by one is wrong twice over:
+  SentencePiece drops the leading space of a sequence's first piece, and a byte-fallback character spans
+  several pieces. So a push decodes from the last plain piece on (the new text is the same as in a decode
+  of the whole sequence, at O(window) cost instead of O(sequence)) and holds back a trailing incomplete
+  UTF-8 character.
   """
 
-  def __init__(self, tokenizer: Tokenizer):
+  def __init__(self, tokenizer: Tokenizer, prefix_ids: Sequence[int] = ()):
     self.tokenizer = tokenizer
-    self.ids: list[int] = []
-    self.emitted = 0
+    self.ids: list[int] = [int(i) for i in prefix_ids]
+    self._start = 0    # window start: the sequence start or a plain piece
+    self._emitted = 0  # chars of decode(ids[_start:_end]) already out; the prefix counts as out
+    self._end = 0      # ids up to here are in the emitted text
+    self._emit(len(self.ids) - self._incomplete_tail())
 
   def push(self, *ids: int) -> str:
     self.ids.extend(int(i) for i in ids)
-    text = self.tokenizer.decode(self.ids)
-    if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for its other bytes
-      return ""
-    new, self.emitted = text[self.emitted:], len(text)
+    return self._emit(len(self.ids) - self._incomplete_tail())
+
+  def flush(self) -> str:
+    """What push held back, an unfinished character as U+FFFD: call it when the stream ends."""
+    return self._emit(len(self.ids))
+
+  def _decode(self, start: int, end: int) -> str:
+    return self.tokenizer.sp.decode(self.ids[start:end])
+
+  def _plain(self, i: int) -> bool:
+    """A piece a window may start at: not a byte (part of a character), a control (invisible, the piece
+    after it would decode as a sequence's first), unknown or unused id."""
+    sp = self.tokenizer.sp
+    return not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i) or sp.is_unused(i))
+
+  def _emit(self, end: int) -> str:
+    end = max(end, self._end)
+    text = self._decode(self._start, end)
+    new, self._emitted, self._end = text[self._emitted:], len(text), end
+    # Text after a plain piece decodes the same from there as from the start (only the window's first
+    # piece loses its leading space, in both decodes), so later pushes need only ids[start:].
+    start = next((i for i in range(end - 1, self._start, -1) if self._plain(self.ids[i])), self._start)
+    if start != self._start:
+      self._start, self._emitted = start, len(self._decode(start, end))
     return new
+
+  def _incomplete_tail(self) -> int:
+    """How many trailing ids are the bytes of a UTF-8 character still missing its last byte(s)."""
+    sp, tail = self.tokenizer.sp, []
+    for i in reversed(self.ids[-4:]):  # a character is at most 4 bytes
+      if not sp.is_byte(i):
+        break
+      tail.insert(0, int(sp.id_to_piece(i)[1:-1], 16))  # "<0xF0>" -> 0xF0
+    for n, byte in enumerate(reversed(tail), 1):
+      if byte & 0xC0 != 0x80:  # not a continuation byte: the last character's first byte
+        size = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+        return n if n < size else 0
+    return 0

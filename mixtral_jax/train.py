@@ -145,7 +145,7 @@ def _train_and_evaluate(config, workdir: str, mesh, rules) -> dict:
   what = (f"LoRA rank {setup.lora['rank']} on {','.join(setup.lora['targets'])}: {summary['lora_params']:,} trained"
           if setup.lora else "all trained")
   print(f"model: {summary['params']:,} parameters ({what}), {cfg.num_layers} layers x {cfg.num_experts} experts "
-        f"top-{cfg.top_k}, {cfg.dispatch} dispatch, compute {cfg.dtype}\n"
+        f"top-{cfg.top_k}, {setup.run.train_dispatch} dispatch, compute {setup.run.dtype}\n"
         f"data: {config.data.paths} -> {len(train_docs):,} training / {len(eval_docs):,} held-out documents, "
         f"tokenizer {config.data.tokenizer} ({tokenizer.vocab_size:,}); steps {start}..{t.steps} of "
         f"{t.batch_size * t.grad_accum} x {t.seq_len} tokens; workdir {workdir}", flush=True)

@@ -18,10 +18,11 @@ from typing import Any, Optional
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mixtral_jax.config import ConfigError, ModelConfig, model_config_from
+from mixtral_jax.config import ConfigError, ModelConfig, from_dict, model_config_from
 
 
 def _handlers(**extra):
@@ -63,6 +64,9 @@ class Checkpoints:
       return None
     stored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     current = json.loads(json.dumps(meta))
+    if isinstance(stored.get("model"), dict):  # older runs stored execution fields too: not part of the model
+      from mixtral_jax.config import MOVED_TO_RUN
+      stored = {**stored, "model": {k: v for k, v in stored["model"].items() if k not in MOVED_TO_RUN}}
     for key in ("model", "lora"):
       diff = _first_difference({key: stored.get(key)}, {key: current.get(key)})
       if diff:
@@ -87,7 +91,7 @@ class Checkpoints:
 
 # ------------------------------------------------------------------------------------ weights in and out
 
-def _load_trainer_checkpoint(workdir: str):
+def load_trainer_checkpoint(workdir: str):
   """(ModelConfig, params) from the latest checkpoint of a workdir this trainer wrote (full weights)."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
@@ -99,9 +103,9 @@ def _load_trainer_checkpoint(workdir: str):
   if meta.get("lora"):
     raise ConfigError(f"config.checkpoint: {workdir} holds LoRA adapters, not full weights; fine-tune from its "
                       f"merged export WORKDIR/export (config.train.export=True)")
-  cfg = model_config_from(meta["model"])
-  from mixtral_jax.model import Mixtral
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+  cfg = from_dict(meta["model"])
+  from mixtral_jax.model import abstract_params
+  abstract = abstract_params(cfg)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=device, dtype=s.dtype), abstract)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -110,28 +114,32 @@ def _load_trainer_checkpoint(workdir: str):
 
 
 def load_pretrained(path: str, *, dtype: Optional[str] = "float32"):
-  """(ModelConfig, params pure dict) of the weights to fine-tune: the one place they are read.
+  """(ModelConfig, params pure dict) of the weights to fine-tune, through the one loader
+  (mixtral_jax.loading: a converted or quantized checkpoint, a workdir of this trainer, an HF directory
+  or a Mistral release). `dtype` casts while reading (None keeps the stored dtype); quantized weights are
+  dequantized (fine-tuning updates float weights)."""
+  from mixtral_jax import loading
+  from mixtral_jax.formats import CheckpointError
+  from mixtral_jax.quant import QTensor
+  try:
+    cfg, state, quant = loading.read(path, dtype)
+  except CheckpointError as e:
+    raise ConfigError(f"config.checkpoint: {e}") from None
+  if quant:
+    float_dtype = cfg.jnp_param_dtype if dtype is None else jnp.dtype(dtype)
+    state = jax.tree.map(lambda a: a.astype(float_dtype) if isinstance(a, QTensor) else a, state,
+                         is_leaf=lambda a: isinstance(a, QTensor))
+  params = {k: v for k, v in state.items()}
+  from mixtral_jax.model import abstract_params
+  params = _only(params, abstract_params(cfg))
+  return cfg, params
 
-  PATH is a checkpoint written by the converter or `checkpoint.save_model` (issue 3: PATH/config and
-  PATH/params; `dtype` casts while reading, None keeps the stored dtype), or a workdir of this trainer
-  (its latest checkpoint's full weights). HF and Mistral releases are converted first
-  (`python -m mixtral_jax.convert SRC DST`).
-  """
-  from mixtral_jax import checkpoint
-  from mixtral_jax.model import params_of
-  if not os.path.exists(path):
-    raise ConfigError(f"config.checkpoint: {path} does not exist")
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return _load_trainer_checkpoint(path)
-  if os.path.isdir(os.path.join(path, checkpoint.CONFIG)) and os.path.isdir(os.path.join(path, checkpoint.PARAMS)):
-    try:
-      model = checkpoint.load_model(path, dtype=dtype)
-    except checkpoint.CheckpointError as e:
-      raise ConfigError(f"config.checkpoint: {e}") from None
-    return model.config, params_of(model)
-  hint = " (an HF or Mistral release: convert it first, python -m mixtral_jax.convert SRC DST)" if (
-      glob.glob(os.path.join(path, "*.safetensors")) or glob.glob(os.path.join(path, "*.pth"))) else ""
-  raise ConfigError(f"config.checkpoint: {path} is neither a mixtral_jax checkpoint nor a training workdir{hint}")
+
+def _only(tree, like):
+  """The entries of `tree` present in `like` (drops non-parameter state such as router biases)."""
+  if not isinstance(like, dict):
+    return tree
+  return {k: _only(tree[k], v) for k, v in like.items()}
 
 
 def export(cfg: ModelConfig, params, directory: str, *, hf: bool = False) -> dict:

@@ -59,6 +59,7 @@ class Plan:
   usable_gib: float
   rows: dict            # regime -> {component: bytes per device}
   notes: list
+  dispatch: str = ""
 
   def total(self, regime: str) -> int:
     return sum(self.rows[regime].values())
@@ -109,14 +110,14 @@ def lora_bytes(abstract: dict, rank: int, shards: dict) -> int:
   return 4 * total
 
 
-def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> tuple[int, int]:
+def activation_bytes(cfg: ModelConfig, run, batch: int, seq_len: int) -> tuple[int, int]:
   """(residuals saved for the backward pass, one layer's residuals without remat) for `batch` sequences on
   one device, from jax's own bookkeeping (abstract tracing only)."""
   from jax._src.ad_checkpoint import saved_residuals  # public face: jax.ad_checkpoint.print_saved_residuals
-  from mixtral_jax.model import Mixtral
+  from mixtral_jax.model import abstract_model
 
-  def residual_bytes(config):
-    model = nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0)))
+  def residual_bytes(config, run):
+    model = abstract_model(config, run)
     graphdef, state = nnx.split(model)
 
     def loss(state, tokens):
@@ -127,14 +128,18 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int) -> tuple[int, i
     res = saved_residuals(loss, state, jax.ShapeDtypeStruct((batch, seq_len), jnp.int32))
     return sum(math.prod(a.shape) * a.dtype.itemsize for a, why in res if "from the argument" not in why)
 
-  saved = residual_bytes(cfg)
-  one_layer = residual_bytes(cfg.replace(num_layers=1, remat="none")) - residual_bytes(
-      cfg.replace(num_layers=1, remat="full"))
+  saved = residual_bytes(cfg, run)
+  one_layer = residual_bytes(cfg.replace(num_layers=1), run.replace(remat="none")) - residual_bytes(
+      cfg.replace(num_layers=1), run.replace(remat="full"))
   return saved, max(one_layer, 0)
 
 
 def plan(cfg: ModelConfig, mesh_cfg: sharding.MeshConfig, *, hardware: str, batch_size: int, seq_len: int,
-         lora_rank: int = 16, headroom: float = 0.9) -> Plan:
+         lora_rank: int = 16, headroom: float = 0.9, run=None) -> Plan:
+  """run: the execution to plan for (remat, train dispatch, compute dtype); default the training one."""
+  from mixtral_jax.execution import resolve
+  run = resolve(run, purpose="train", param_dtype=cfg.param_dtype)
+  compute = jnp.dtype(run.dtype)
   if hardware not in HARDWARE:
     raise ConfigError(f"config.plan.hardware={hardware!r} is unknown; known: {', '.join(HARDWARE)}")
   devices, gib, _ = HARDWARE[hardware]
@@ -146,22 +151,22 @@ def plan(cfg: ModelConfig, mesh_cfg: sharding.MeshConfig, *, hardware: str, batc
     raise ConfigError(f"config.batch_size={batch_size} is not divisible by the {token_shards} token shards "
                       f"of config.mesh {shape}")
   per_device = batch_size // token_shards
-  saved, layer = activation_bytes(cfg, per_device, seq_len)
+  saved, layer = activation_bytes(cfg, run, per_device, seq_len)
   notes = []
-  if cfg.dispatch == "ep_dropless" and shape["expert"] > 1:
+  if run.train_dispatch == "ep_dropless" and shape["expert"] > 1:
     # Static shapes: each device's receive buffer holds the worst case (all peers' rows).
     rows = per_device * seq_len * cfg.top_k * (shape["expert"] - 1)
-    extra = rows * (cfg.dim + 3 * cfg.ffn_dim // shape["tensor"]) * jnp.dtype(cfg.jnp_dtype).itemsize
-    saved += extra * (0 if cfg.remat == "full" else cfg.num_layers)  # the dot policies keep these rows
+    extra = rows * (cfg.dim + 3 * cfg.ffn_dim // shape["tensor"]) * compute.itemsize
+    saved += extra * (0 if run.remat == "full" else cfg.num_layers)  # the dot policies keep these rows
     layer += extra
     notes.append(f"ep_dropless: worst-case receive buffers add {extra / GiB:.2f} GiB per layer")
 
   # One layer's weights as the matmuls see them: `embed` gathered (FSDP), still split over expert/tensor.
   gathered_rules = dict(rules, embed=())
   layer_abstract = sharding.abstract_state(cfg.replace(num_layers=1), abstract_mesh(shape), gathered_rules)
-  gathered = per_device_param_bytes(layer_abstract["layers"], cfg.jnp_dtype)
+  gathered = per_device_param_bytes(layer_abstract["layers"], compute)
   logits_grad = per_device * seq_len * cfg.vocab_size * 4
-  recompute = 0 if cfg.remat == "none" else layer  # without remat every layer is already in `saved`
+  recompute = 0 if run.remat == "none" else layer  # without remat every layer is already in `saved`
   working = 2 * gathered + recompute + logits_grad
 
   master = jnp.float32
@@ -177,15 +182,15 @@ def plan(cfg: ModelConfig, mesh_cfg: sharding.MeshConfig, *, hardware: str, batc
   rows["lora"] = {"params": base + merged, "gradients": 0,
                   "optimizer": lora_bytes(abstract, lora_rank, shape),
                   "activations": saved, "working set": working}
-  return Plan(hardware=hardware, mesh=shape, batch_per_device=per_device, seq_len=seq_len, remat=cfg.remat,
-              device_gib=gib, usable_gib=gib * headroom, rows=rows, notes=notes)
+  return Plan(hardware=hardware, mesh=shape, batch_per_device=per_device, seq_len=seq_len, remat=run.remat,
+              device_gib=gib, usable_gib=gib * headroom, rows=rows, notes=notes, dispatch=run.train_dispatch)
 
 
 def render(p: Plan, cfg: ModelConfig) -> str:
-  from mixtral_jax.model import Mixtral, param_count
-  total = param_count(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0))))
+  from mixtral_jax.model import abstract_params, param_count
+  total = param_count(abstract_params(cfg))
   mesh = " x ".join(f"{a}={n}" for a, n in p.mesh.items() if n > 1) or "1 device"
-  lines = [f"{HARDWARE[p.hardware][2]}; mesh {mesh}; {total / 1e9:.1f}B parameters, dispatch {cfg.dispatch}",
+  lines = [f"{HARDWARE[p.hardware][2]}; mesh {mesh}; {total / 1e9:.1f}B parameters, dispatch {p.dispatch}",
            f"per device: batch {p.batch_per_device} x seq {p.seq_len}, remat={p.remat}, "
            f"usable {p.usable_gib:.1f} of {p.device_gib:.1f} GiB",
            f"{'GiB per device':<16}" + "".join(f"{r:>10}" for r in p.rows)]
@@ -203,7 +208,9 @@ def plan_train(config, workdir):
   del workdir
   cfg = model_config_from(config.model)
   mesh_cfg = sharding.mesh_config_from(config.get("mesh"))
+  from mixtral_jax.execution import execution_from
   p = plan(cfg, mesh_cfg, hardware=config.plan.hardware, batch_size=config.batch_size,
-           seq_len=config.seq_len, lora_rank=config.plan.lora_rank, headroom=config.plan.headroom)
+           seq_len=config.seq_len, lora_rank=config.plan.lora_rank, headroom=config.plan.headroom,
+           run=execution_from(config.get("run")))
   print(render(p, cfg))
   return p

@@ -16,41 +16,25 @@ from flax import nnx
 
 from mixtral_jax import lora
 from mixtral_jax.config import ConfigError, ModelConfig, model_config_from
+from mixtral_jax.execution import Execution, execution_from, resolve
 from mixtral_jax.losses import LOSSES
 from mixtral_jax.metrics import moe_metrics
-from mixtral_jax.model import KVCache, build, from_params
+from mixtral_jax.model import abstract_model, init_state
 from mixtral_jax.routers import ROUTERS
 from mixtral_jax.train_checkpoints import load_pretrained
 
-# Model fields a fine-tuning run may change on a loaded checkpoint: they alter how it computes, not its shape.
-RUNTIME_FIELDS = ("dtype", "remat", "dispatch", "capacity_factor", "grouped_matmul", "router_jitter",
-                  "router_logits_cap", "scan_layers")
+# Model fields a fine-tuning run may change on a loaded checkpoint: training options of the router, not
+# its shape. (How the model runs -- dispatch, remat, dtype, layout -- is config.run, never stored.)
+TRAINING_FIELDS = ("router_jitter", "router_logits_cap")
 
 
 class Setup(NamedTuple):
   cfg: ModelConfig
-  graphdef: Any
+  graphdef: Any             # of the stacked model running `run`
+  run: Execution
   base: Any                 # every parameter (pure dict): the frozen base under LoRA, else the initial weights
   rest: Any                 # non-parameter model state (pure dict; {} for the stock routers)
   lora: Optional[dict]      # {"rank", "alpha", "targets"} or None for full training
-
-
-def init_model(cfg: ModelConfig, seed: int):
-  """(graphdef, params, rest) of a freshly initialised model, as pure dicts, from one jitted program.
-
-  Eager init compiles one small program per parameter shape, and JAX's default partitionable threefry
-  makes each slow to compile on CPU (~12 s for a tiny model); one program with the classic threefry
-  compiles in ~3 s. The values differ from `build(cfg, seed)` but are as random and as deterministic.
-  """
-  graphdef = nnx.split(nnx.eval_shape(lambda: build(cfg, seed)), nnx.Param, ...)[0]
-
-  def init():
-    _, params, rest = nnx.split(build(cfg, seed), nnx.Param, ...)
-    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-  with jax.threefry_partitionable(False):
-    params, rest = jax.jit(init)()
-  return graphdef, params, rest
 
 
 def build_setup(config) -> Setup:
@@ -61,21 +45,34 @@ def build_setup(config) -> Setup:
   if config.get("checkpoint"):
     # Full fine-tuning keeps float32 master weights; a LoRA base stays in its stored dtype.
     cfg, params = load_pretrained(config.checkpoint, dtype=None if rank else "float32")
-    cfg = cfg.replace(**{f: config.model[f] for f in RUNTIME_FIELDS if f in config.model})
+    cfg = cfg.replace(**{f: config.model[f] for f in TRAINING_FIELDS if f in config.model})
   else:
     cfg, params = model_config_from(config.model), None
   if not rank:
-    cfg = cfg.replace(param_dtype="float32")  # float32 master weights; compute dtype is cfg.dtype
-  if params is None:
-    graphdef, base, rest = init_model(cfg, config.seed)
-  else:
-    graphdef, base, rest = nnx.split(from_params(cfg, params), nnx.Param, ...)
-    base, rest = nnx.to_pure_dict(base), nnx.to_pure_dict(rest)
+    cfg = cfg.replace(param_dtype="float32")  # float32 master weights; compute dtype is config.run.dtype
+  run = execution_from(config.get("run"))
+  if run.prefill_dispatch == "auto":  # held-out evaluation during training runs the training dispatch
+    run = run.replace(prefill_dispatch=run.train_dispatch)
+  run = resolve(run, purpose="train", param_dtype=cfg.param_dtype)
+  if run.layout != "stacked":
+    raise ConfigError(f"config.run.layout={run.layout!r}: training runs the stacked layout (lax.scan over layers)")
+  graphdef, _, _ = nnx.split(abstract_model(cfg, run), nnx.Param, ...)
+  state = init_state(cfg, config.seed)
+  base = params if params is not None else _only(state, nnx.to_pure_dict(nnx.state(abstract_model(cfg, run),
+                                                                                   nnx.Param)))
+  rest = _only(state, nnx.to_pure_dict(nnx.state(abstract_model(cfg, run), nnx.Not(nnx.Param))))
   spec = None
   if rank:
     spec = dict(rank=int(rank), alpha=float(config.train.lora.alpha),
                 targets=lora.parse_targets(config.train.lora.targets))
-  return Setup(cfg, graphdef, base, rest, spec)
+  return Setup(cfg, graphdef, run, base, rest, spec)
+
+
+def _only(tree, like):
+  """The entries of `tree` present in `like` (pure dicts)."""
+  if not isinstance(like, dict):
+    return tree
+  return {k: _only(tree[k], v) for k, v in like.items() if k in tree}
 
 
 def next_token_loss(logits, targets, mask):
@@ -193,19 +190,15 @@ def evaluate(eval_step, state, base, batches) -> float:
 
 
 def greedy_sample(setup: Setup, params, rest, tokenizer, prompt: str, num_tokens: int) -> str:
-  """Greedy decoding with the KV cache (mixtral_jax.sampling, issue 5, can replace this)."""
+  """A greedy continuation of `prompt` through sampling.generate (the one generation loop), with the
+  trained weights in the backend's inference execution."""
+  from mixtral_jax import sampling
+  from mixtral_jax.model import abstract_model, merge_trees, with_state
+  model = with_state(abstract_model(setup.cfg), merge_trees(params, rest))
   ids = tokenizer.encode(prompt, bos=True)
-
-  @jax.jit
-  def step(params, tokens, cache):
-    out = nnx.merge(setup.graphdef, params, rest)(tokens, cache=cache)
-    return jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32), out.cache  # [1]
-
-  token, cache = step(params, jnp.asarray([ids], jnp.int32), KVCache.init(setup.cfg, 1, len(ids) + num_tokens))
-  generated = []
-  for _ in range(num_tokens):
-    generated.append(int(token[0]))
-    if generated[-1] == tokenizer.eos_id:
-      break
-    token, cache = step(params, token[:, None], cache)
+  eos = tokenizer.eos_id
+  out = sampling.generate(model, [ids], num_tokens, eos_id=eos)
+  generated = [int(t) for t in out[0, len(ids):]]
+  if eos in generated:
+    generated = generated[:generated.index(eos) + 1]
   return tokenizer.decode(ids[1:] + generated)

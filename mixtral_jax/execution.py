@@ -1,0 +1,169 @@
+"""How a Mixtral runs, decided in one place: the execution spec and the per-backend tuning behind it.
+
+The config stored with the weights (`ModelConfig`) says what the network *is*. `Execution` says how it
+*runs*: the dispatch strategy for each phase, the grouped-matmul implementation, the layer layout, remat,
+the compute dtype and block sizes. It is never saved with the weights. Fields left at "auto" (or 0) are
+filled by `resolve` from BACKENDS[jax.default_backend()], the only place where backend-specific tuning
+lives; the model then passes the resolved values down explicitly (no module globals to patch).
+
+    run = execution_from(config.run)                      # ConfigDict -> validated Execution
+    run = resolve(run, purpose="inference")               # "auto" -> this backend's defaults
+    model = build(cfg, seed, execution=run)               # or checkpoint.load_model(path, execution=run)
+
+Phases: a forward with `train=True` is `train`; one new token per row against a KV cache is `decode`;
+any other forward (no cache, or a prompt into one) is `prefill`. Every default is *exact* (no token is
+dropped: equal to `dense`); `capacity` stays available by name, never a silent default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+import ml_collections
+
+from mixtral_jax.config import DTYPES, REMAT_POLICIES, ConfigError
+
+LAYOUTS = ("stacked", "unstacked")
+PURPOSES = ("train", "inference")
+PHASES = ("train", "prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """How the model runs. "auto" / 0 = the backend's default (BACKENDS); `resolve` fills them."""
+  train_dispatch: str = "auto"     # name in DISPATCHERS for forwards with train=True
+  prefill_dispatch: str = "auto"   # ... for forwards without a cache, or a prompt into one
+  decode_dispatch: str = "auto"    # ... for one new token per row against a cache
+  capacity_factor: float = 1.25    # capacity-based dispatch only: buffer rows = factor x balanced load
+  grouped_matmul: str = "auto"     # dropless' grouped matmul: blocks | ragged_dot
+  layout: str = "auto"             # stacked ([L, ...] params, lax.scan) | unstacked (per layer, per expert)
+  remat: str = "none"              # one of config.REMAT_POLICIES (training memory vs recompute)
+  dtype: str = "auto"              # compute dtype; auto = the parameters' dtype. Router math is float32.
+  loop_block: int = 0              # rows per expert matmul in sorted_loop (prefill)
+  causal_block: int = 0            # query rows per block of block-causal self-attention
+  rope_identity: str = "auto"      # on | off: rotary tables leave through an identity matmul (XLA:CPU)
+
+  def replace(self, **changes) -> "Execution":
+    return validate(dataclasses.replace(self, **changes))
+
+  @classmethod
+  def everywhere(cls, dispatch: str, **fields) -> "Execution":
+    """One dispatch strategy for every phase (research: e.g. `Execution.everywhere("capacity")`)."""
+    return validate(cls(train_dispatch=dispatch, prefill_dispatch=dispatch, decode_dispatch=dispatch, **fields))
+
+  def dispatch_for(self, phase: str) -> str:
+    return getattr(self, f"{phase}_dispatch")
+
+  @property
+  def resolved(self) -> bool:
+    return all(v not in ("auto", 0, None) for v in (self.train_dispatch, self.prefill_dispatch,
+               self.decode_dispatch, self.grouped_matmul, self.layout, self.dtype, self.loop_block,
+               self.causal_block, self.rope_identity))
+
+
+# Per-backend defaults: every number here was measured (the comment says where), and every choice is exact.
+BACKENDS = {
+    "cpu": dict(
+        # Training: rows grouped by expert through padded blocks / per-expert buffers, a custom VJP of
+        # gathers (grouped.py): 0.70 s/step at B8xT128 on the tiny model vs 1.0 s for dense.
+        train_dispatch="dropless",
+        # Prefill: slots sorted by expert, a loop of [128, D] @ [D, F] blocks per expert (active FLOPs
+        # only, ~165 GFLOP/s per block on 2 cores); 1.02-1.16x HF at B4xT512 (experiments/results).
+        prefill_dispatch="sorted_loop",
+        # Decode: a lax.cond per expert, so only chosen experts' weights are read: 2.8-3.2x HF at batch 1.
+        decode_dispatch="routed_cond",
+        # XLA:CPU's ragged_dot is ~10x slower than an equal batched matmul.
+        grouped_matmul="blocks",
+        # Inference: XLA:CPU copies a scanned layer's (and an expert's) slice out of the stack before every
+        # matmul, tripling the bytes a decode step moves; per-layer, per-expert buffers are read in place.
+        inference_layout="unstacked",
+        loop_block=128,    # 128 beat 64 and 256 for [N, 512] @ [512, 1792] blocks on 2 cores
+        causal_block=128,  # 4x faster attention than the full [T, T] scores at T=512
+        # XLA:CPU fuses cos/sin into every head's rotation (once per head, not per position); an identity
+        # matmul at HIGHEST precision (exact) stops it: ~2% of a prefill.
+        rope_identity="on",
+    ),
+    # Accelerators: ragged_dot groups without per-block weight copies; the same exact dispatch for every
+    # phase until one is measured faster on the device (experiments/gpu_bench.py). Scanned layers keep
+    # compile time independent of depth.
+    "gpu": dict(train_dispatch="dropless", prefill_dispatch="dropless", decode_dispatch="routed_cond",
+                grouped_matmul="ragged_dot", inference_layout="stacked", loop_block=512, causal_block=512,
+                rope_identity="off"),
+    "tpu": dict(train_dispatch="dropless", prefill_dispatch="dropless", decode_dispatch="routed_cond",
+                grouped_matmul="ragged_dot", inference_layout="stacked", loop_block=512, causal_block=512,
+                rope_identity="off"),
+}
+
+
+def backend_defaults(backend: Optional[str] = None) -> dict:
+  backend = backend or jax.default_backend()
+  return BACKENDS.get(backend, BACKENDS["gpu"])
+
+
+def validate(run: Execution) -> Execution:
+  """Checks an Execution; raises ConfigError naming the config.run field. Returns run for chaining."""
+  from mixtral_jax.dispatch import all_dispatchers
+  from mixtral_jax.grouped import GROUPED_MATMULS
+  known = all_dispatchers()
+  for phase in PHASES:
+    name = run.dispatch_for(phase)
+    if name != "auto" and name not in known:
+      raise ConfigError(f"config.run.{phase}_dispatch={name!r} is unknown; known: auto, {', '.join(known.names())}")
+  if run.grouped_matmul not in GROUPED_MATMULS:
+    raise ConfigError(f"config.run.grouped_matmul={run.grouped_matmul!r} is not one of {', '.join(GROUPED_MATMULS)}")
+  if run.layout not in ("auto",) + LAYOUTS:
+    raise ConfigError(f"config.run.layout={run.layout!r} is not one of auto, {', '.join(LAYOUTS)}")
+  if run.remat not in REMAT_POLICIES:
+    raise ConfigError(f"config.run.remat={run.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+  if run.dtype != "auto" and run.dtype not in DTYPES:
+    raise ConfigError(f"config.run.dtype={run.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+  if not run.capacity_factor > 0:
+    raise ConfigError(f"config.run.capacity_factor must be positive, got {run.capacity_factor!r}")
+  if run.rope_identity not in ("auto", "on", "off"):
+    raise ConfigError(f"config.run.rope_identity={run.rope_identity!r} is not one of auto, on, off")
+  for name in ("loop_block", "causal_block"):
+    value = getattr(run, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ConfigError(f"config.run.{name} must be a non-negative integer (0 = auto), got {value!r}")
+  return run
+
+
+def resolve(run: Optional[Execution] = None, *, purpose: str = "inference", param_dtype: str = "float32",
+            backend: Optional[str] = None) -> Execution:
+  """Fills every "auto" field from the backend's defaults. purpose: "train" (the scanned stack: compile
+  time independent of depth) or "inference" (the backend's inference layout)."""
+  assert purpose in PURPOSES, purpose
+  run = validate(run or Execution())
+  d = backend_defaults(backend)
+  pick = lambda value, default: default if value in ("auto", 0, None) else value  # noqa: E731
+  layout = "stacked" if purpose == "train" else d["inference_layout"]
+  return dataclasses.replace(
+      run,
+      train_dispatch=pick(run.train_dispatch, d["train_dispatch"]),
+      prefill_dispatch=pick(run.prefill_dispatch, d["prefill_dispatch"]),
+      decode_dispatch=pick(run.decode_dispatch, d["decode_dispatch"]),
+      grouped_matmul=pick(run.grouped_matmul, d["grouped_matmul"]),
+      layout=pick(run.layout, layout),
+      dtype=pick(run.dtype, param_dtype),
+      loop_block=pick(run.loop_block, d["loop_block"]),
+      causal_block=pick(run.causal_block, d["causal_block"]),
+      rope_identity=pick(run.rope_identity, d["rope_identity"]))
+
+
+def execution_from(run: Optional[Mapping[str, Any] | ml_collections.ConfigDict]) -> Execution:
+  """The `run` section of a config -> validated (unresolved) Execution. Unknown fields are errors."""
+  if run is None:
+    return Execution()
+  if isinstance(run, ml_collections.ConfigDict):
+    run = run.to_dict()
+  run = dict(run)
+  known = {f.name for f in dataclasses.fields(Execution)}
+  unknown = sorted(set(run) - known)
+  if unknown:
+    raise ConfigError(f"config.run has unknown field(s): {', '.join(unknown)}")
+  return validate(Execution(**run))
+
+
+def to_dict(run: Execution) -> dict:
+  return dataclasses.asdict(run)
