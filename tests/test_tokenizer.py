@@ -67,6 +67,97 @@ def test_stream_decoder_equals_full_decode(tok):
     out.append(stream.push(i))
   assert "".join(out) == text
   assert "\ufffd" not in "".join(out)
+  assert stream.flush() == ""
+
+
+def check_stream(tok, prompt_ids, generated):
+  """decode(prompt) + pushes + flush() == decode(prompt + generated); after every push the text so far is
+  a prefix of that, and only an unfinished character (U+FFFD in the full decode) is held back."""
+  prompt_ids, generated = list(prompt_ids), list(generated)
+  base, full = tok.decode(prompt_ids), tok.decode(prompt_ids + generated)
+  assert full.startswith(base)
+  stream, out = tok.stream(prompt_ids), ""
+  for n, i in enumerate(generated, 1):
+    out += stream.push(i)
+    so_far = tok.decode(prompt_ids + generated[:n])[len(base):]
+    assert so_far.startswith(out), (n, out, so_far)
+    assert set(so_far[len(out):]) <= {"\ufffd"}, (n, out, so_far)
+  out += stream.flush()
+  assert base + out == full
+  return out
+
+
+# Prompts end at a word boundary or mid-word; continuations start a new word or not, and hold characters
+# that are pieces (é, 日本語, 🙂) or byte fallback (🤖🧪, 𠀋).
+PROMPTS = ["The capital of France is", "The capital of Fra", "Paris is ", "def f(x):\n    return",
+           "Köln, Grüße"]
+CONTINUATIONS = [" disp", "nce is a city", " Paris", "\n\n  x = 1", " café é", " 日本語", "日本語です",
+                 " 🙂 ok", "🤖🧪", " 𠀋!", "e\u0301", "  two spaces"]
+
+
+def test_stream_keeps_the_first_generated_space(tok):
+  prompt = tok.encode("The capital of France is")
+  generated = tok.encode("The capital of France is disp", bos=True)[len(prompt):]
+  assert tok.pieces(generated) == ["▁disp"]
+  assert tok.stream(prompt).push(*generated) == " disp"
+  assert tok.stream().push(*generated) == "disp"  # no prefix: like decode(), a first piece loses its space
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("continuation", CONTINUATIONS)
+def test_stream_continues_the_prompt(tok, prompt, continuation):
+  # The model's ids: encode(continuation) always starts a new word ("▁" first); encode(prompt +
+  # continuation) cut after the prompt's ids continues a word when the prompt ends mid-word.
+  prompt_ids = tok.encode(prompt)
+  assert check_stream(tok, prompt_ids, tok.encode(continuation, bos=False)) == \
+      tok.decode(prompt_ids + tok.encode(continuation, bos=False))[len(prompt):]
+  whole = tok.encode(prompt + continuation)
+  for cut in range(1, len(whole)):  # every split of the real ids that is not inside a character
+    if not tok.decode(whole[:cut]).endswith("\ufffd"):
+      assert tok.decode(whole[:cut]) + check_stream(tok, whole[:cut], whole[cut:]) == prompt + continuation
+
+
+def test_stream_holds_byte_fallback_characters_until_complete(tok):
+  prompt = tok.encode("robot:")
+  generated = tok.encode("🤖 日本 𠀋", bos=False)
+  pieces = tok.pieces(generated)
+  # 🤖 falls back to its 4 bytes (🙂, by contrast, is a piece of its own).
+  assert "<0xF0>" in pieces and "🙂" in tok.pieces(tok.encode("🙂", bos=False))
+  stream = tok.stream(prompt)
+  outs = [stream.push(i) for i in generated]
+  assert all("\ufffd" not in o for o in outs)
+  assert outs[pieces.index("<0xF0>"):pieces.index("<0xF0>") + 4] == ["", "", "", "🤖"]
+  assert "".join(outs) == " 🤖 日本 𠀋" and stream.flush() == ""
+
+
+def test_flush_returns_an_unfinished_character(tok):
+  prompt = tok.encode("cut:")
+  robot = tok.encode("🤖", bos=False)[-4:]  # <0xF0> <0x9F> <0xA4> <0x96>
+  stream = tok.stream(prompt)
+  assert stream.push(*robot[:3]) == ""
+  assert set(stream.flush()) == {"\ufffd"}
+  assert tok.decode(prompt) + check_stream(tok, prompt, robot[:3]) == tok.decode(prompt + robot[:3])
+
+
+def test_stream_equals_full_decode_on_random_ids(tok):
+  """The window the stream decodes is exact for any ids: plain, "▁", bytes (valid and not), BOS/EOS, unk."""
+  rng = np.random.default_rng(0)
+  byte_id = {b: tok.sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)}
+  chars = "é日本語🤖🧪𠀋ß"
+  for _ in range(100):
+    generated = []
+    while len(generated) < 30:
+      kind = rng.integers(6)
+      if kind == 0:
+        generated += [byte_id[b] for b in rng.choice(list(chars)).encode()]
+      elif kind == 1:
+        generated.append(byte_id[int(rng.integers(128, 256))])
+      elif kind == 2:
+        generated.append(int(rng.choice([0, 1, 2, 259, 28705])))  # unk, BOS, EOS, "▁▁", "▁"
+      else:
+        generated.append(int(rng.integers(259, tok.vocab_size)))
+    prompt = tok.encode(rng.choice(PROMPTS + [""]))
+    check_stream(tok, prompt, generated)
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
