@@ -204,10 +204,15 @@ def load_metadata(path) -> Dict[str, Any]:
 
 
 def load_config(path, **overrides) -> ModelConfig:
-  model = dict(load_metadata(path)["model"])
-  model.update(overrides)
+  """The stored ModelConfig (execution fields older versions stored are dropped), with `overrides`
+  (ModelConfig fields: an execution field here is an error naming its config.run home)."""
+  stored = config_lib.to_dict(_stored_config(path))
+  return config_lib.model_config_from({**stored, **overrides})
+
+
+def _stored_config(path) -> ModelConfig:
   try:
-    return config_lib.from_dict(model)
+    return config_lib.from_dict(load_metadata(path)["model"])
   except config_lib.ConfigError as e:
     raise CheckpointError(f"{Path(path) / CONFIG}: {e}") from None
 
@@ -246,7 +251,7 @@ def load_model(path, dtype: Optional[str] = "float32", shardings: Shardings = No
   model = with_state(abstract_model(cfg, resolve(execution, param_dtype=cfg.param_dtype)), state)
   if quant:
     from mixtral_jax import quant as quant_lib
-    model = quant_lib.quantize_model(model, quant)
+    model = quant_lib.quantize_model(model, quant, consume=True)
   return model
 
 

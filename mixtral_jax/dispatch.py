@@ -3,7 +3,8 @@
 Each strategy is a pure function registered in DISPATCHERS:
     fn(x [N, D], route: RouterOutput, w1 [E, D, F], w3 [E, D, F], w2 [E, F, D], *, dtype, top_k,
        capacity_factor, grouped_matmul, loop_block) -> (y [N, D], stats: dict of float32 scalars)
-(the keyword tuning comes from the execution spec; a strategy ignores what it does not use).
+(the keyword tuning comes from the execution spec; every strategy accepts exactly these keywords and
+ignores those it does not use, so a misspelt keyword is an error, not silently dropped).
 Experts are SwiGLU: w2(silu(x w1) * (x w3)). Slots with weight 0 are unused and skipped.
 
   dense     every expert on every token; E/k times the active FLOPs; the reference.
@@ -92,7 +93,7 @@ def run_rows(x, weights, slot_row, num_rows: int, experts_fn, dtype):
 
 
 @DISPATCHERS.register("dense")
-def dense(x, route, w1, w3, w2, *, dtype, **_):
+def dense(x, route, w1, w3, w2, *, dtype, top_k=None, capacity_factor=None, grouped_matmul=None, loop_block=None):
   """Every expert on every token, weighted by the combine matrix. E/k times the active FLOPs: the
   reference the sparse strategies are tested against."""
   num_experts = w1.shape[0]
@@ -119,7 +120,7 @@ def _buffered(x, weights, experts, rank, kept, cap, w1, w3, w2, dtype):
 
 
 @DISPATCHERS.register("capacity")
-def capacity(x, route, w1, w3, w2, *, dtype, capacity_factor, top_k, **_):
+def capacity(x, route, w1, w3, w2, *, dtype, capacity_factor, top_k, grouped_matmul=None, loop_block=None):
   """GShard (Lepikhin et al. 2020) / Switch (Fedus et al. 2021) capacity dispatch. Semantically the
   one-hot dispatch/combine tensors [N, E, C] of those papers; built as row gathers instead of einsums
   with [N, E, C] one-hots (which cost O(N^2) FLOPs per group). Experts run as one batched matmul over
@@ -140,8 +141,8 @@ FAST_CAPACITY = 1.125
 
 
 @DISPATCHERS.register("dropless")
-def dropless(x, route, w1, w3, w2, *, dtype, grouped_matmul="auto", block_size=None,
-             fast_capacity=FAST_CAPACITY, **_):
+def dropless(x, route, w1, w3, w2, *, dtype, grouped_matmul="auto", top_k=None, capacity_factor=None,
+             loop_block=None, block_size=None, fast_capacity=FAST_CAPACITY):
   """Dropless MoE (MegaBlocks, Gale et al. 2022, arXiv:2211.15841): every used slot is computed. Rows are
   grouped by expert (ranks from a running count, no sort needed), then
     blocks:     if every expert's load fits ceil(fast_capacity * S / E) rows (S slots), per-expert buffers

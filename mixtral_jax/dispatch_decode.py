@@ -56,7 +56,7 @@ def swiglu(x, w1, w3, w2, dtype):  # [M, D] -> [M, D]
 
 
 @DISPATCHERS.register("routed_cond")
-def routed_cond(x, route, w1, w3, w2, *, dtype, **_):
+def routed_cond(x, route, w1, w3, w2, *, dtype, top_k=None, capacity_factor=None, grouped_matmul=None, loop_block=None):
   num_experts = w1.shape[0]
   x = x.astype(dtype)
   combine = combine_matrix(route, num_experts).astype(dtype)  # [N, E]
@@ -73,7 +73,8 @@ TAIL_STEPS = 4  # sizes of an expert's last block in `sorted_loop`: loop_block *
 
 
 @DISPATCHERS.register("sorted_loop")
-def sorted_loop(x, route, w1, w3, w2, *, dtype, loop_block=128, **_):
+def sorted_loop(x, route, w1, w3, w2, *, dtype, loop_block=128, top_k=None, capacity_factor=None,
+                grouped_matmul=None):
   """Forward: the loop below. Backward: `dropless`'s (the loop's trip counts are data-dependent, which
   reverse-mode cannot differentiate; both compute the same function, so the gradient is exact)."""
   from mixtral_jax.dispatch import dropless

@@ -171,6 +171,10 @@ def eval_mode(config, workdir):
   else:
     docs = data.read_documents(e.data, config.data.chunk_chars)
   model = load_for_inference(config)
+  if tokenizer.vocab_size > model.config.vocab_size:
+    from mixtral_jax.config import ConfigError
+    raise ConfigError(f"the tokenizer (config.data.tokenizer={config.data.tokenizer!r}) has {tokenizer.vocab_size} "
+                      f"pieces but the model's vocab_size is {model.config.vocab_size}")
   if e.task == "perplexity":
     batches = data.eval_batches(docs, tokenizer, seq_len=e.seq_len, batch_size=e.batch_size,
                                 num_batches=e.max_batches)

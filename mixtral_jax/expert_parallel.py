@@ -236,14 +236,16 @@ def run_sharded(shard_fn, x, route, w1, w3, w2, **kwargs):
 
 
 @DISPATCHERS.register("ep_capacity")
-def ep_capacity(x, route, w1, w3, w2, *, dtype, capacity_factor=1.25, top_k=None, **_):
+def ep_capacity(x, route, w1, w3, w2, *, dtype, capacity_factor=1.25, top_k=None, grouped_matmul=None,
+                loop_block=None):
   """Expert-parallel capacity dispatch (GShard): `capacity` per token shard, all-to-all to the experts."""
   return run_sharded(capacity_shard, x, route, w1, w3, w2, dtype=dtype, capacity_factor=capacity_factor,
                      top_k=top_k)
 
 
 @DISPATCHERS.register("ep_dropless")
-def ep_dropless(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul="auto", **_):
+def ep_dropless(x, route, w1, w3, w2, *, dtype, capacity_factor=None, top_k=None, grouped_matmul="auto",
+                loop_block=None):
   """Expert-parallel dropless dispatch: ragged_all_to_all (padded all_to_all on CPU) + grouped matmul."""
   ragged = jax.default_backend() != "cpu"
   return run_sharded(dropless_shard, x, route, w1, w3, w2, dtype=dtype, capacity_factor=capacity_factor,

@@ -127,5 +127,5 @@ def load(path, *, dtype: Optional[str] = "float32", execution: Optional[Executio
   if stored_quant:
     model.quant = stored_quant
   if quant:
-    model = quant_lib.quantize_model(model, quant)
+    model = quant_lib.quantize_model(model, quant, consume=True)  # the float model is ours to free
   return model

@@ -27,6 +27,7 @@ self-contained module that works with every dispatcher and packs every level is 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -180,7 +181,7 @@ def _target(path) -> Optional[tuple]:
   return None
 
 
-def quantize_state(state, level: str):
+def quantize_state(state, level: str, *, consume: bool = False):
   """nnx.State -> the same State with its attention and expert weights replaced by QTensors."""
   if level not in LEVELS:
     raise QuantError(f"quant level {level!r} is unknown; known: {', '.join(LEVELS)}")
@@ -189,7 +190,10 @@ def quantize_state(state, level: str):
     target = _target(path)
     if target is None or isinstance(value, QTensor):
       return value
-    return quantize(value, level, *target)
+    out = _quantize_by_slices(value, level, *target)
+    if consume and isinstance(value, jax.Array):
+      value.delete()  # the float weight is not needed any more: the peak is one weight, not the model
+    return out
 
   pure = nnx.to_pure_dict(state)
   pure = jax.tree_util.tree_map_with_path(convert, pure, is_leaf=lambda x: isinstance(x, QTensor))
@@ -197,10 +201,21 @@ def quantize_state(state, level: str):
   return state
 
 
-def quantize_model(model, level: str):
-  """A copy of `model` whose attention and expert weights are QTensors (other arrays are shared)."""
+def _quantize_by_slices(w, level: str, n_core: int, n_contract: int) -> QTensor:
+  """quantize(), one leading slice at a time (lax.map) when w has leading axes: the float32 working copy
+  is one layer's (one expert's) weight, never a whole [L, E, D, F] stack (60 GB for 8x7B's w1)."""
+  fn = functools.partial(quantize, level=level, n_core=n_core, n_contract=n_contract)
+  if w.ndim == n_core:
+    return jax.jit(fn)(w)
+  return jax.jit(lambda w: jax.lax.map(fn, w))(w)
+
+
+def quantize_model(model, level: str, *, consume: bool = False):
+  """A copy of `model` whose attention and expert weights are QTensors (other arrays are shared).
+  consume=True frees each float weight as soon as its quantized one exists (`model` is unusable after):
+  the peak is the quantized model plus one float weight, which is how an 8x7B is quantized on one GPU."""
   graphdef, state = nnx.split(model)
-  out = nnx.merge(graphdef, quantize_state(state, level))
+  out = nnx.merge(graphdef, quantize_state(state, level, consume=consume))
   out.quant = level  # a plain attribute: generation and the planner report it
   return out
 

@@ -173,9 +173,14 @@ def update_aux_free_bias(model: nnx.Module, router: RouterOutput, mask: Optional
   """Applies `aux_free_bias_update` in place to every aux_free_bias router in `model`, at the rate it
   was built with. The training step calls it once per step, after the optimizer update, with the
   RouterOutput of that step's forward pass (works inside nnx.jit). No-op for other routers."""
-  for _, module in nnx.iter_graph(model):
+  for path, module in nnx.iter_graph(model):
     if isinstance(module, AuxFreeBias):
-      module.bias.value = aux_free_bias_update(module.bias[...], router, rate=module.bias_rate, mask=mask)
+      bias = module.bias[...]
+      layer_router = router
+      if bias.ndim == 1:  # one layer of the unstacked layout (path: layers, i, moe, router): its own routing
+        index = path[path.index("layers") + 1]
+        layer_router = jax.tree.map(lambda a: a[index], router)
+      module.bias.value = aux_free_bias_update(bias, layer_router, rate=module.bias_rate, mask=mask)
 
 
 __all__ = ["ExpertChoice", "Hash", "AuxFreeBias", "RouterBias", "hash_experts", "aux_free_bias_update",

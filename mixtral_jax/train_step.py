@@ -51,9 +51,10 @@ def build_setup(config) -> Setup:
   if not rank:
     cfg = cfg.replace(param_dtype="float32")  # float32 master weights; compute dtype is config.run.dtype
   run = execution_from(config.get("run"))
+  resolved = resolve(run, purpose="train", param_dtype=cfg.param_dtype)
   if run.prefill_dispatch == "auto":  # held-out evaluation during training runs the training dispatch
-    run = run.replace(prefill_dispatch=run.train_dispatch)
-  run = resolve(run, purpose="train", param_dtype=cfg.param_dtype)
+    resolved = resolved.replace(prefill_dispatch=resolved.train_dispatch)
+  run = resolved
   if run.layout != "stacked":
     raise ConfigError(f"config.run.layout={run.layout!r}: training runs the stacked layout (lax.scan over layers)")
   graphdef, _, _ = nnx.split(abstract_model(cfg, run), nnx.Param, ...)
