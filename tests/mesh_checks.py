@@ -24,6 +24,7 @@ from flax import nnx  # noqa: E402
 
 from mixtral_jax import sharding  # noqa: E402
 from mixtral_jax.config import ModelConfig  # noqa: E402
+from mixtral_jax.execution import Execution  # noqa: E402
 from mixtral_jax.model import build, from_params, params_of  # noqa: E402
 
 # Sizes divide the mesh axes where they must (E by 8, D by 4, H/K/F by 2); V=131 is prime, so the vocab
@@ -36,6 +37,14 @@ MESHES = {"expert8": dict(expert=8, fsdp=1), "data2_expert4": dict(data=2, exper
 # capacity_factor = E/k makes C = n (the most one expert can receive), so ep_capacity drops nothing and must
 # equal the dense reference; drops are checked separately at layer level.
 NO_DROP = CFG.num_experts / CFG.top_k
+# The single-device reference: every expert on every token, scanned layers (the layout meshes split, so
+# gradients of either model are the same canonical tree).
+DENSE = Execution.everywhere("dense", layout="stacked")
+
+
+def on_mesh(dispatch, **fields):
+  """One dispatch strategy for every phase (the checks' forwards are train=False: the prefill phase)."""
+  return Execution.everywhere(dispatch, layout="stacked", **fields)
 
 
 def reference_params(seed=0):
@@ -97,14 +106,14 @@ SLOW_CASES = [(m, d) for m in MESHES for d in ("ep_capacity", "ep_dropless") if 
 def check_equality(cases=FAST_CASES):
   """Logits and gradients on each mesh x dispatch vs one device with dense dispatch."""
   params, toks = reference_params(), tokens()
-  ref_loss, ref_logits, ref_grads = value_and_grad(from_params(CFG, params), toks)
+  ref_loss, ref_logits, ref_grads = value_and_grad(from_params(CFG, params, DENSE), toks)
   results = []
   for mesh_name, dispatch in cases:
     start = time.time()
     mesh_cfg = sharding.mesh_config_from(MESHES[mesh_name])
     mesh, rules = sharding.make_mesh(mesh_cfg), mesh_cfg.rules_dict
-    cfg = CFG.replace(dispatch=dispatch, capacity_factor=NO_DROP)
-    model = sharding.shard_model(from_params(cfg, params), mesh, rules)
+    model = sharding.shard_model(from_params(CFG, params, on_mesh(dispatch, capacity_factor=NO_DROP)), mesh, rules)
+    assert model.execution.prefill_dispatch == dispatch
     w1 = model.layers.moe.w1[...]
     loss, logits, grads = value_and_grad(model, toks, mesh, rules)
     grad_err = jax.tree.leaves(jax.tree.map(rel, grads, ref_grads))
@@ -121,7 +130,7 @@ def check_restore():
   params = reference_params()
   save_cfg = sharding.mesh_config_from(dict(expert=8, fsdp=1))
   save_mesh = sharding.make_mesh(save_cfg)
-  model = sharding.shard_model(from_params(CFG, params), save_mesh, save_cfg.rules_dict)
+  model = sharding.shard_model(from_params(CFG, params, DENSE), save_mesh, save_cfg.rules_dict)
   out = {}
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "params")
@@ -143,15 +152,18 @@ def check_restore():
     out["single_max_abs_diff"] = max(float(np.abs(np.asarray(a) - b).max())
                                      for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(params)))
     # The restored tree runs: the model on the new mesh gives the same loss as on one device.
-    ref_loss = loss_only(from_params(CFG, params), tokens())
-    moved = from_params(CFG, restored)
+    ref_loss = loss_only(from_params(CFG, params, DENSE), tokens())
+    moved = from_params(CFG, restored, DENSE)
     out["loss_err"] = abs(loss_only(moved, tokens(), load_mesh, load_cfg.rules_dict) - ref_loss)
     # checkpoint.save_model of the sharded model (Orbax writes shard by shard), then load_model straight onto
     # the other mesh: each device reads only its slices, nothing is assembled on one device first.
     from mixtral_jax import checkpoint
     checkpoint.save_model(os.path.join(tmp, "model"), model)
-    loaded = checkpoint.load_model(os.path.join(tmp, "model"),
-                                   shardings=lambda s: sharding.state_shardings(s, load_mesh, load_cfg.rules_dict))
+    on_load_mesh = lambda s: sharding.state_shardings(s, load_mesh, load_cfg.rules_dict)  # noqa: E731
+    loaded = checkpoint.load_model(os.path.join(tmp, "model"), shardings=on_load_mesh, execution=DENSE)
+    # Without an execution, shardings still give the stacked layout (what the rules split).
+    out["load_model_default_layout"] = checkpoint.load_model(os.path.join(tmp, "model"),
+                                                             shardings=on_load_mesh).execution.layout
     w1 = loaded.layers.moe.w1[...]
     out["load_model_spec"] = str(w1.sharding.spec)
     out["load_model_devices"] = len(w1.sharding.device_set)
@@ -159,6 +171,7 @@ def check_restore():
         jax.tree.leaves(params_of(loaded)), jax.tree.leaves(params)))
     out["load_model_loss_err"] = abs(loss_only(loaded, tokens(), load_mesh, load_cfg.rules_dict) - ref_loss)
   init = sharding.init_model(CFG, 0, save_mesh, save_cfg.rules_dict)
+  out["init_layout"] = init.execution.layout
   out["init_spec"] = str(init.layers.moe.w1[...].sharding.spec)
   out["init_max_abs_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
       jax.tree.leaves(params_of(init)), jax.tree.leaves(params_of(build(CFG, 0)))))
@@ -169,7 +182,7 @@ def train_steps(mesh=None, rules=None, steps=3, lr=1e-3):
   """AdamW steps on fixed batches with ep_dropless; returns (losses, final params as numpy)."""
   import optax
   from jax.experimental import multihost_utils
-  model = from_params(CFG.replace(dispatch="ep_dropless"), reference_params())
+  model = from_params(CFG, reference_params(), on_mesh("ep_dropless"))
   if mesh is not None:
     model = sharding.shard_model(model, mesh, rules)
   graphdef, state = nnx.split(model)
@@ -308,7 +321,7 @@ def check_train():
       records = [json.loads(line) for line in f]
   keep = ("mesh", "start_step", "step", "eval_loss_start", "eval_loss")
   return dict(first={k: first.get(k) for k in keep}, second={k: second.get(k) for k in keep},
-              dispatch=config.model.dispatch,
+              dispatch=config.run.train_dispatch,
               dropped=[r["dropped_fraction"] for r in records if "dropped_fraction" in r],
               losses=[r["loss"] for r in records if "loss" in r])
 

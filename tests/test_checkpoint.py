@@ -1,5 +1,7 @@
-"""mixtral_jax.checkpoint: save_model / load_model round trips, dtype casts while reading, restore onto given
-shardings (including a 4-device mesh, in a subprocess), and errors naming the file or parameter."""
+"""mixtral_jax.checkpoint: save_model / load_model round trips (either layout, always the canonical stacked
+tree on disk, no execution fields in the stored config, older configs that still carry them), dtype casts
+while reading, restore onto given shardings (including a 4-device mesh, in a subprocess), and errors naming
+the file or parameter."""
 import os
 import subprocess
 import sys
@@ -13,24 +15,30 @@ from flax import nnx
 
 from conftest import FAST_COMPILE, tiny_config
 from mixtral_jax import checkpoint
+from mixtral_jax import config as config_lib
+from mixtral_jax.execution import Execution, resolve
 from mixtral_jax.formats import CheckpointError
-from mixtral_jax.model import Mixtral, from_params, params_of
+from mixtral_jax.model import abstract_params, from_params, params_of, with_execution
+
+UNSTACKED = Execution(layout="unstacked")
 
 CFG = tiny_config(num_layers=2, num_shared_experts=1)  # shared experts: the tree is more than HF's
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 257, (2, 7)), jnp.int32)
 _forward = jax.jit(lambda model, tokens: model(tokens).logits)
 
 
-def random_model(cfg, seed):
-  """Like model.build, but without eager initialisation (seconds of op-by-op dispatch on CPU)."""
+def random_model(cfg, seed, execution=None):
+  """Random canonical params (no jitted init: one numpy draw per leaf) in `execution`'s layout."""
   rng = np.random.default_rng(seed)
-  shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))))
-  return from_params(cfg, jax.tree.map(lambda s: 0.3 * rng.standard_normal(s.shape, np.float32), shapes))
+  params = jax.tree.map(lambda s: 0.3 * rng.standard_normal(s.shape, np.float32), abstract_params(cfg))
+  return from_params(cfg, params, execution)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-  model = random_model(CFG, seed=3)
+  """A checkpoint saved from an unstacked model (the CPU inference layout, per-layer/per-expert buffers)."""
+  model = random_model(CFG, seed=3, execution=UNSTACKED)
+  assert model.execution.layout == "unstacked"
   path = tmp_path_factory.mktemp("ckpt") / "model"
   checkpoint.save_model(path, model)
   return path, model
@@ -49,14 +57,70 @@ def test_save_load_round_trip_is_exact(saved):
   np.testing.assert_array_equal(_forward(loaded, TOKENS), _forward(model, TOKENS))
 
 
-def test_dtype_cast_while_reading_and_config_overrides(saved):
+def test_save_unstacked_or_stacked_stores_the_same_canonical_tree(saved, tmp_path):
+  """save_model of an unstacked model writes the canonical stacked tree ([L, E, ...] leaves), the same as
+  the same weights saved from a stacked model; either loads back into either layout exactly."""
   path, model = saved
-  loaded = checkpoint.load_model(path, dtype="bfloat16", remat="full")
-  assert loaded.config.param_dtype == loaded.config.dtype == "bfloat16" and loaded.config.remat == "full"
-  w1 = loaded.layers.moe.w1[...]
+  stored = checkpoint.stored_arrays(path)
+  canonical = {".".join(str(getattr(k, "key", k)) for k in p): v
+               for p, v in jax.tree_util.tree_flatten_with_path(abstract_params(CFG))[0]}
+  assert {n: tuple(m.shape) for n, m in stored.items()} == {n: tuple(v.shape) for n, v in canonical.items()}
+  assert tuple(stored["layers.moe.w1"].shape) == (2, 7, 40, 36)
+  stacked = with_execution(model, layout="stacked")
+  assert stacked.execution.layout == "stacked"
+  checkpoint.save_model(tmp_path / "stacked", stacked)
+  for layout in ("stacked", "unstacked"):
+    for p in (path, tmp_path / "stacked"):
+      loaded = checkpoint.load_model(p, execution=Execution(layout=layout))
+      assert loaded.execution.layout == layout
+      assert jax.tree.structure(params_of(loaded)) == jax.tree.structure(params_of(model))
+      assert _equal_trees(params_of(loaded), params_of(model)), (layout, p)
+
+
+def test_stored_config_holds_no_execution_field(saved):
+  path, _ = saved
+  stored = checkpoint.load_metadata(path)["model"]
+  assert not set(stored) & set(config_lib.MOVED_TO_RUN), stored
+  assert config_lib.from_dict(stored) == CFG
+
+
+def test_old_checkpoint_with_execution_fields_in_its_config_loads(saved, tmp_path):
+  """Checkpoints written before execution moved out of ModelConfig store dispatch, capacity_factor,
+  grouped_matmul, dtype, remat and scan_layers in their config: they load, the stored values are ignored
+  (how a model runs is the caller's execution), and the logits are those of the saved model."""
+  import shutil
+  import orbax.checkpoint as ocp
+  from etils import epath
+  path, model = saved
+  old = tmp_path / "old"
+  shutil.copytree(path, old)
+  meta = checkpoint.load_metadata(old)
+  # A capacity of 1.0 with these few tokens would drop some: honouring it would change the logits.
+  meta["model"].update(dict(dispatch="capacity", capacity_factor=1.0, grouped_matmul="blocks", dtype="bfloat16",
+                            remat="full", scan_layers=True))
+  config_dir = old / checkpoint.CONFIG
+  (config_dir / "metadata").unlink()
+  ocp.JsonCheckpointHandler().save(epath.Path(config_dir), args=ocp.args.JsonSave(meta))
+  assert set(config_lib.MOVED_TO_RUN) <= set(checkpoint.load_metadata(old)["model"])  # really the old format
+  loaded = checkpoint.load_model(old)
+  assert loaded.config == CFG
+  assert loaded.execution == resolve(param_dtype="float32")
+  assert _equal_trees(params_of(loaded), params_of(model))
+  np.testing.assert_array_equal(_forward(loaded, TOKENS), _forward(model, TOKENS))
+
+
+def test_dtype_cast_while_reading_execution_and_config_overrides(saved):
+  path, model = saved
+  loaded = checkpoint.load_model(path, dtype="bfloat16", execution=Execution(remat="full"), router_jitter=0.25)
+  assert loaded.config.param_dtype == "bfloat16" and loaded.config.router_jitter == 0.25
+  # The compute dtype follows the parameters' unless the execution says otherwise.
+  assert loaded.execution.dtype == "bfloat16" and loaded.dtype == jnp.bfloat16 and loaded.execution.remat == "full"
+  w1 = params_of(loaded)["layers"]["moe"]["w1"]
   assert w1.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(w1), np.asarray(model.layers.moe.w1[...]).astype(w1.dtype))
+  np.testing.assert_array_equal(np.asarray(w1), np.asarray(params_of(model)["layers"]["moe"]["w1"]).astype(w1.dtype))
   assert checkpoint.load_model(path, dtype=None).config.param_dtype == "float32"  # None keeps the stored one
+  mixed = checkpoint.load_model(path, dtype="bfloat16", execution=Execution(dtype="float32"))
+  assert mixed.config.param_dtype == "bfloat16" and mixed.execution.dtype == "float32"
 
 
 def test_shardings_single_pytree_state_or_callable(saved):
@@ -70,6 +134,7 @@ def test_shardings_single_pytree_state_or_callable(saved):
 
   for shardings in (device, jax.tree.map(lambda _: device, params_of(model)), from_state):
     loaded = checkpoint.load_model(path, shardings=shardings)
+    assert loaded.execution.layout == "stacked"  # what shardings split
     assert loaded.layers.moe.w2[...].sharding == device
     assert _equal_trees(params_of(loaded), params_of(model))
   # The callable sees the abstract state with each Param's logical axis names (what a mesh rule needs).
@@ -136,8 +201,10 @@ def test_load_errors_name_the_problem(saved, tmp_path):
   with pytest.raises(CheckpointError, match="does not exist"):
     checkpoint.load_model(tmp_path / "missing")
   (tmp_path / "plain").mkdir()
+  with pytest.raises(CheckpointError, match="plain holds no checkpoint"):
+    checkpoint.load_model(tmp_path / "plain")  # load_model reads every kind (mixtral_jax.loading)
   with pytest.raises(CheckpointError, match="not a mixtral_jax checkpoint"):
-    checkpoint.load_model(tmp_path / "plain")
+    checkpoint.load_metadata(tmp_path / "plain")
   shape_error = r"parameter layers\.moe\.\S+ is stored with shape \(2, \S+ 36\), the config implies \(2, \S+ 38\)"
   with pytest.raises(CheckpointError, match=shape_error):
     checkpoint.load_model(path, ffn_dim=38)

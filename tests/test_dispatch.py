@@ -1,20 +1,27 @@
-"""Dispatch strategies: equal outputs and gradients when nothing drops, GShard capacity semantics,
-row-permutation identities (hypothesis), and the model end to end with each strategy."""
+"""Dispatch strategies: the contract every registered strategy keeps (equal to dense, values and
+gradients, when nothing drops), GShard capacity semantics, row-permutation identities (hypothesis), and
+the model end to end with each strategy."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import rel_err, tiny_config
-from mixtral_jax.dispatch import DISPATCHERS, expert_capacity, run_rows, slot_ranks
+from mixtral_jax.dispatch import all_dispatchers, expert_capacity, run_rows, slot_ranks
+from mixtral_jax.dispatch_decode import ExpertList
+from mixtral_jax.execution import Execution
 from mixtral_jax.grouped import block_layout, default_block_size, take_rows
-from mixtral_jax.model import build
+from mixtral_jax.model import build, with_execution
 from mixtral_jax.routers import ROUTERS, RouterOutput, topk_gates
 
 N, D, F, E = 29, 12, 18, 5
 TOL = 1e-5  # float32; strategies differ only in summation order (observed ~3e-7)
+DISPATCHERS = all_dispatchers()  # every registered strategy: dispatch.py's, inference's, expert-parallel's
 
 
 def weights(seed=0):
@@ -23,42 +30,89 @@ def weights(seed=0):
           0.3 * jax.random.normal(k3, (E, D, F)), 0.3 * jax.random.normal(k2, (E, F, D)))
 
 
-def dispatch(name, x, route, w1, w3, w2, top_k=2, capacity_factor=None, **options):
-  cf = E / top_k if capacity_factor is None else capacity_factor  # default: capacity N, never drops
-  return DISPATCHERS.get(name)(x, route, w1, w3, w2, dtype=jnp.float32, top_k=top_k, capacity_factor=cf,
-                               **options)
+def dispatch(name, x, route, w1, w3, w2, top_k=2, capacity_factor=None, dtype=jnp.float32, **options):
+  """A strategy called as MoEBlock calls it (every tuning keyword; `options` override them)."""
+  kwargs = dict(dtype=dtype, top_k=top_k, grouped_matmul="blocks", loop_block=128,
+                capacity_factor=E / top_k if capacity_factor is None else capacity_factor)  # default: capacity N
+  kwargs.update(options)
+  return DISPATCHERS.get(name)(x, route, w1, w3, w2, **kwargs)
 
 
-STRATEGIES = [("capacity", {}), ("dropless", {}), ("dropless", dict(block_size=8)),
-              ("dropless", dict(grouped_matmul="ragged_dot"))]
+# Settings run through the contract besides each strategy's defaults: dropless' padded blocks and
+# ragged_dot, and sorted_loop's loop over whole 4-row blocks (its default block holds all 58 slots).
+VARIANTS = {"dropless": [dict(block_size=8), dict(grouped_matmul="ragged_dot")],
+            "sorted_loop": [dict(loop_block=4)]}
+CASES = [(name, {}) for name in DISPATCHERS.names()] + [(n, o) for n, opts in VARIANTS.items() for o in opts]
+
+
+def test_every_strategy_module_is_registered():
+  """all_dispatchers() holds the inference and expert-parallel strategies too (the contract below runs
+  over whatever it lists, so a module it failed to import would silently leave the contract)."""
+  assert {"dense", "capacity", "dropless", "routed_cond", "sorted_loop", "ep_capacity",
+          "ep_dropless"} <= set(DISPATCHERS.names())
+  assert set(VARIANTS) <= set(DISPATCHERS.names())
+
+
+def _route_fn(router, x):
+  """logits [N, E] -> RouterOutput, differentiable in the logits."""
+  if router == "expert_choice":  # E slots per token, most unused: exercises skipping weight-0 slots
+    out = ROUTERS.get(router)(D, E, 2, rngs=nnx.Rngs(0))(x)
+    return lambda logits: out.replace(weights=jnp.where(out.weights > 0, jax.nn.softmax(logits, -1), 0.0))
+  return lambda logits: topk_gates(logits, 2, renormalize=router == "mixtral_topk")
+
+
+def _value_and_grads(name, options, router):
+  x, w1, w3, w2 = weights()
+  logits = 2.0 * jax.random.normal(jax.random.key(5), (N, E))
+  route_of = _route_fn(router, x)
+
+  def f(x, logits, w1, w3, w2):
+    y, stats = dispatch(name, x, route_of(logits), w1, w3, w2, **options)
+    return jnp.sum(jnp.sin(y)), (y, stats)
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, logits, w1, w3, w2)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_reference(router):
+  return _value_and_grads("dense", {}, router)
 
 
 @pytest.mark.parametrize("router", ["mixtral_topk", "expert_choice"])
-def test_strategies_equal_dense_when_nothing_drops(router):
-  """Outputs and gradients (input, router logits, all expert weights) equal the dense reference."""
+@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}{o or ''}" for n, o in CASES])
+def test_dispatcher_contract(name, options, router):
+  """Every registered strategy (the ep_* ones as one shard, without a mesh), jitted: y [N, D] in the
+  compute dtype and the common stats; finite gradients wrt x, router logits and expert weights; and,
+  with nothing dropped (capacity strategies get capacity N), outputs and all gradients equal dense."""
+  (_, (y, stats)), grads = _value_and_grads(name, options, router)
+  (_, (ref, _)), ref_grads = _dense_reference(router)
+  assert y.shape == (N, D) and y.dtype == jnp.float32
+  assert set(stats) == {"dropped_fraction", "dropped_tokens"}
+  assert all(v.shape == () and v.dtype == jnp.float32 for v in stats.values())
+  assert float(stats["dropped_fraction"]) == 0.0 and float(stats["dropped_tokens"]) == 0.0
+  assert rel_err(y, ref) <= TOL
+  for what, g, r in zip(("x", "logits", "w1", "w3", "w2"), grads, ref_grads):
+    assert g.shape == r.shape and bool(jnp.all(jnp.isfinite(g))), what
+    assert rel_err(g, r) <= TOL, what
+
+
+def test_sorted_loop_gradient_equals_dense_on_expert_lists():
+  """sorted_loop's backward (dropless' VJP: its loop has data-dependent trip counts) gives dense's
+  gradients with per-expert buffers too (ExpertList, the unstacked layout's weights): one gradient
+  buffer per expert, each equal to dense's slice. (Stacked weights: test_dispatcher_contract.)"""
+  (_, _), ref = _dense_reference("mixtral_topk")
   x, w1, w3, w2 = weights()
-  logits = 2.0 * jax.random.normal(jax.random.key(5), (N, E))
-  gate = ROUTERS.get(router)(D, E, 2, rngs=__import__("flax").nnx.Rngs(0))
+  logits = 2.0 * jax.random.normal(jax.random.key(5), (N, E))  # as _value_and_grads
 
-  def route_of(logits):
-    if router == "expert_choice":  # E slots per token, most unused: exercises skipping weight-0 slots
-      out = gate(x)
-      return out.replace(weights=jnp.where(out.weights > 0, jax.nn.softmax(logits, -1), 0.0))
-    return topk_gates(logits, 2, renormalize=router == "mixtral_topk")
-
-  def loss(name, options):
-    def f(x, logits, w1, w3, w2):
-      y, stats = dispatch(name, x, route_of(logits), w1, w3, w2, capacity_factor=E / 2 if router != "expert_choice" else E, **options)
-      return jnp.sum(jnp.sin(y)), (y, stats)
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))
-
-  (_, (ref, _)), ref_grads = loss("dense", {})(x, logits, w1, w3, w2)
-  for name, options in STRATEGIES:
-    (_, (y, stats)), grads = loss(name, options)(x, logits, w1, w3, w2)
-    assert float(stats["dropped_fraction"]) == 0.0
-    assert rel_err(y, ref) <= TOL, (name, options)
-    for g, r in zip(grads, ref_grads):
-      assert rel_err(g, r) <= TOL, (name, options)
+  def f(x, logits, w1, w3, w2):
+    y, _ = dispatch("sorted_loop", x, topk_gates(logits, 2, renormalize=True), w1, w3, w2, loop_block=4)
+    return jnp.sum(jnp.sin(y))
+  lists = [ExpertList(tuple(w[j] for j in range(E))) for w in (w1, w3, w2)]
+  got = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(x, logits, *lists)
+  for what, g, r in zip(("x", "logits", "w1", "w3", "w2"), got, ref):
+    if what.startswith("w"):
+      assert isinstance(g, ExpertList) and len(g.parts) == E, what
+      g = jnp.stack(g.parts)
+    assert g.shape == r.shape and rel_err(g, r) <= 1e-5, what
 
 
 def gshard_reference(experts, used, priority, num_experts, capacity):
@@ -199,27 +253,34 @@ def test_dropless_buffers_and_blocks_branches_are_exact(skew):
 
 def test_unknown_grouped_matmul_names_the_field():
   from mixtral_jax.config import ConfigError
-  with pytest.raises(ConfigError, match="config.model.grouped_matmul='cuda'"):
-    tiny_config(grouped_matmul="cuda")
+  with pytest.raises(ConfigError, match="config.run.grouped_matmul='cuda'"):
+    Execution().replace(grouped_matmul="cuda")
+  with pytest.raises(ConfigError, match="config.run.prefill_dispatch='bogus' is unknown"):
+    Execution().replace(prefill_dispatch="bogus")
 
 
-def test_bfloat16_dispatch_close_to_float32():
+@pytest.mark.parametrize("name", DISPATCHERS.names())
+def test_bfloat16_dispatch_close_to_float32(name):
+  """Every strategy computes in the dtype it is given: bfloat16 outputs within 2e-2 of float32 dense."""
   x, w1, w3, w2 = weights(3)
   route = topk_gates(jax.random.normal(jax.random.key(4), (N, E)), 2, renormalize=True)
   ref, _ = dispatch("dense", x, route, w1, w3, w2)
-  for name in ("capacity", "dropless"):
-    y, _ = DISPATCHERS.get(name)(x, route, w1, w3, w2, dtype=jnp.bfloat16, top_k=2, capacity_factor=E / 2)
-    assert y.dtype == jnp.bfloat16
-    assert rel_err(y.astype(jnp.float32), ref) <= 2e-2  # 8 mantissa bits
+  y, _ = jax.jit(lambda *a: dispatch(name, *a, dtype=jnp.bfloat16))(x, route, w1, w3, w2)
+  assert y.dtype == jnp.bfloat16
+  assert rel_err(y.astype(jnp.float32), ref) <= 2e-2  # 8 mantissa bits
 
 
 @pytest.mark.parametrize("name", ["capacity", "dropless"])
 def test_model_with_dispatch_equals_dense_model(name):
-  """A whole model: logits with capacity (large enough not to drop) / dropless equal dense dispatch."""
+  """A whole model: logits with capacity (large enough not to drop) / dropless equal dense dispatch on
+  the same weights; the per-layer stats say nothing was dropped."""
   cfg = tiny_config()
   tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
-  dense = jax.jit(lambda m, t: m(t).logits)(build(cfg, seed=4), tokens)
-  other = build(cfg.replace(dispatch=name, capacity_factor=cfg.num_experts / cfg.top_k), seed=4)
+  reference = build(cfg, seed=4, execution=Execution.everywhere("dense", layout="stacked"))
+  dense = jax.jit(lambda m, t: m(t).logits)(reference, tokens)
+  run = Execution.everywhere(name, layout="stacked", capacity_factor=cfg.num_experts / cfg.top_k)
+  other = with_execution(reference, run)
+  assert other.execution.prefill_dispatch == name and reference.execution.prefill_dispatch == "dense"
   out = jax.jit(lambda m, t: m(t))(other, tokens)
   assert rel_err(out.logits, dense) <= TOL
   assert out.moe_stats["dropped_fraction"].shape == (cfg.num_layers,)

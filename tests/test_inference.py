@@ -1,4 +1,5 @@
-"""Inference layout and dispatch (unstacked.py, dispatch_decode.py), run modes, planner, gpu_bench dry run."""
+"""Inference layout and dispatch (the unstacked layout of model.py, dispatch_decode.py), run modes, planner,
+gpu_bench dry run."""
 import json
 import subprocess
 import sys
@@ -11,9 +12,12 @@ import pytest
 from conftest import hf_model, ours_from_hf, rel_err, tiny_config
 from mixtral_jax import dispatch, dispatch_decode, quant, sampling  # noqa: F401 -- registers dispatchers
 from mixtral_jax.config import ConfigError
-from mixtral_jax.model import build, params_of
+from mixtral_jax.execution import Execution, backend_defaults
+from mixtral_jax.model import build, params_of, with_execution
 from mixtral_jax.routers import topk_renormalized
-from mixtral_jax.unstacked import unstack
+
+DENSE_STACKED = Execution.everywhere("dense", layout="stacked")  # the reference: every expert, scanned layers
+FAST = Execution(layout="unstacked")  # per-layer, per-expert buffers; CPU's default sparse dispatch per phase
 
 TOL = 1e-5  # float32; only the summation order differs from dense
 
@@ -33,7 +37,7 @@ def test_sparse_dispatch_equals_dense(name, n):
   parts = [dispatch_decode.ExpertList(tuple(w[j] for j in range(e))) for w in (w1, w3, w2)]
   # sorted_loop: blocks of 4 (tails of 1..4 rows), 13 (tails 3, 6, 9, 12, 13: not a multiple) and 64
   # (more than the slots: one block, tails of 16..64): whole blocks, every tail size, spills.
-  for kw in [dict(block=b) for b in (4, 13, 64)] if name == "sorted_loop" else [{}]:
+  for kw in [dict(loop_block=b) for b in (4, 13, 64)] if name == "sorted_loop" else [{}]:
     got, _ = jax.jit(lambda *a: fn(*a, dtype=jnp.float32, **kw))(x, route, w1, w3, w2)
     assert rel_err(got, ref) <= TOL, kw
     got, _ = jax.jit(lambda x, r, a, b, c: fn(x, r, a, b, c, dtype=jnp.float32, **kw))(x, route, *parts)
@@ -42,24 +46,29 @@ def test_sparse_dispatch_equals_dense(name, n):
 
 def test_unstacked_model_equals_stacked():
   cfg = tiny_config(num_layers=2)
-  model = build(cfg, seed=3)
+  model = build(cfg, seed=3, execution=DENSE_STACKED)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
   ref = model(tokens)
-  fast = unstack(model)
+  fast = with_execution(model, FAST)
+  defaults = backend_defaults()  # CPU: sorted_loop for prompts, routed_cond for one token per row
+  assert (fast.execution.layout, fast.execution.prefill_dispatch, fast.execution.decode_dispatch) == (
+      "unstacked", defaults["prefill_dispatch"], defaults["decode_dispatch"])
   assert isinstance(fast.layers[0].moe.w1[...], dispatch_decode.ExpertList)
+  jax.tree.map(np.testing.assert_array_equal, params_of(fast), params_of(model))  # the same weights
   out = jax.jit(lambda m, t: m(t))(fast, tokens)
   assert rel_err(out.logits, ref.logits) <= TOL
   np.testing.assert_array_equal(out.router.experts, ref.router.experts)
   # Generation's sparse dispatch on per-expert buffers == the stacked model's own dense dispatch.
   prompts = [[1, 4, 9, 16], [1, 7]]
-  dense = sampling.decode(model, sampling.prefill(model, prompts, 5, dispatch="config"), dispatch="config")
+  dense = sampling.decode(model, sampling.prefill(model, prompts, 5))
   np.testing.assert_array_equal(sampling.generate(fast, prompts, 5), dense.tokens)
 
 
 def test_quantized_unstacked_decode_matches_quantized_stacked():
   cfg = tiny_config(num_layers=1, dim=48, head_dim=16, ffn_dim=64)
-  q = quant.quantize_model(build(cfg, seed=4), "q8")
-  fast = unstack(q)
+  q = quant.quantize_model(build(cfg, seed=4, execution=DENSE_STACKED), "q8")
+  fast = with_execution(q, FAST)
+  assert fast.quant == "q8" and fast.execution.prefill_dispatch == backend_defaults()["prefill_dispatch"]
   assert isinstance(fast.layers[0].moe.w2[...].parts[0], quant.QTensor)
   tokens = jnp.asarray([[1, 2, 3, 4, 5]], jnp.int32)
   assert rel_err(fast(tokens).logits, q(tokens).logits) <= 1e-5
@@ -74,7 +83,10 @@ def test_generate_mode_streams_and_reports_speed():
             "--config.prompt=Hello", "--config.quant=q4")
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.startswith("Hello") and "prefill:" in out.stderr and "tok/s" in out.stderr
-  assert "[q4]" in out.stderr
+  # The report names the weights and how they ran: "[q4; unstacked, prefill sorted_loop, decode routed_cond]".
+  d = backend_defaults()
+  assert (f"[q4; {d['inference_layout']}, prefill {d['prefill_dispatch']}, decode {d['decode_dispatch']}]"
+          in out.stderr), out.stderr
 
 
 def test_generate_mode_errors_are_one_line(tmp_path):
@@ -88,11 +100,12 @@ def test_hf_directory_loads_like_the_converter_and_bad_files_are_one_line(tmp_pa
   """config.checkpoint=HF dir: the same parameters, bit for bit, as the in-memory HF mapping; a
   truncated shard is a one-line error naming the file."""
   from configs import generate
-  from mixtral_jax import inference
+  from mixtral_jax import inference, loading
   cfg = tiny_config(num_layers=2)
   hf = hf_model(cfg, seed=2)
   hf.save_pretrained(tmp_path / "fused", save_original_format=False)
-  got = jax.tree.map(np.asarray, params_of(inference.load_hf_dir(str(tmp_path / "fused"))))
+  assert loading.kind_of(tmp_path / "fused") == "hf"
+  got = jax.tree.map(np.asarray, params_of(loading.load(str(tmp_path / "fused"))))
   jax.tree.map(np.testing.assert_array_equal, got, jax.tree.map(np.asarray, params_of(ours_from_hf(cfg, hf))))
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "config.json").write_text((tmp_path / "fused" / "config.json").read_text())

@@ -9,14 +9,14 @@ import pytest
 
 from conftest import tiny_config
 from mixtral_jax import lora, train, train_step
-from mixtral_jax.model import from_params
+from mixtral_jax.model import STACKED, build, from_params, params_of
 from mixtral_jax import checkpoint
 from mixtral_jax.train_checkpoints import load_pretrained
 from test_train import corpus, restore_state, tiny_train_config  # noqa: F401 -- corpus is a fixture
 
 
 def _params(cfg, seed=0):
-  return train_step.init_model(cfg, seed)[1]
+  return params_of(build(cfg, seed, STACKED))  # the canonical (stacked) parameter tree LoRA adapts
 
 
 def test_targets_groups_and_errors():
@@ -100,7 +100,7 @@ def test_lora_finetune_trains_only_adapters_and_exports_the_same_model(corpus, t
                segment_ids=jnp.ones((2, 16), jnp.int32))
   adapters = jax.tree.map(jnp.asarray, state["params"])
   ours = train_step.forward(setup, adapters, setup.base, setup.rest, batch, train=False).logits
-  merged = from_params(cfg_exported, exported)(tokens).logits
+  merged = from_params(cfg_exported, exported, setup.run)(tokens).logits  # the trainer's execution
   np.testing.assert_allclose(merged, ours, rtol=1e-6, atol=1e-6)  # same float32 weights, same program shape
 
   with pytest.raises(train.ConfigError, match="holds LoRA adapters"):

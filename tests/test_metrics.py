@@ -2,8 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import tiny_config
+from mixtral_jax.execution import Execution
 from mixtral_jax.losses import z_loss
 from mixtral_jax.metrics import expert_load, moe_metrics
 from mixtral_jax.model import build
@@ -44,9 +46,11 @@ def test_padding_and_unused_slots_do_not_count():
   np.testing.assert_allclose(load, [[1 / 3, 1 / 3, 1 / 3, 0.0]])
 
 
-def test_model_metrics_have_one_value_per_layer():
-  cfg = tiny_config(dispatch="capacity", capacity_factor=0.5)
-  model = build(cfg, seed=2)
+@pytest.mark.parametrize("layout", ["stacked", "unstacked"])
+def test_model_metrics_have_one_value_per_layer(layout):
+  """The model's router output and dispatch stats, in either layer layout, give [L] metrics."""
+  cfg = tiny_config()
+  model = build(cfg, seed=2, execution=Execution.everywhere("capacity", capacity_factor=0.5, layout=layout))
   tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
   out = jax.jit(lambda m, t: m(t))(model, tokens)
   mask = jnp.ones((2, 9)).at[1, :3].set(0)

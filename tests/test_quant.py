@@ -6,7 +6,8 @@ import pytest
 
 from conftest import rel_err, tiny_config
 from mixtral_jax import quant
-from mixtral_jax.model import build
+from mixtral_jax.execution import Execution
+from mixtral_jax.model import build, params_of
 
 # Relative (Frobenius) error bounds for N(0, 1) weights. A uniform quantizer with step s has RMS error
 # s / sqrt(12); a group of 32 Gaussians spans ~4 sigma, so s ~ 4 / (2^b - 1) and the error is
@@ -54,26 +55,34 @@ def test_quantized_model_runs_everywhere_the_float_one_does():
   """Odd sizes (D=40, Dh=12: padded groups) through the forward pass and byte accounting (generation
   with quantized weights: test_inference.py)."""
   cfg = tiny_config(num_layers=1)
-  model = build(cfg, seed=1)
   tokens = jnp.asarray([[1, 5, 7, 9, 11, 13]], jnp.int32)
-  ref = model(tokens).logits
-  errs = {}
   forward = jax.jit(lambda m, t: m(t).logits)
-  for level in ("q8", "q2"):
-    qm = quant.quantize_model(model, level)
-    assert isinstance(qm.layers.moe.w1[...], quant.QTensor) and not isinstance(qm.embed[...], quant.QTensor)
-    errs[level] = rel_err(forward(qm, tokens), ref)
-  assert errs["q8"] < 0.02 and errs["q8"] < errs["q2"] < 1.0
-  assert quant.weight_bytes(qm)["quantized"] < quant.weight_bytes(model)["quantized"] / 4
+  for layout in ("stacked", "unstacked"):  # scanned [L, E, ...] weights; per-layer, per-expert buffers
+    model = build(cfg, seed=1, execution=Execution(layout=layout))
+    ref = forward(model, tokens)
+    errs = {}
+    for level in ("q8", "q2"):
+      qm = quant.quantize_model(model, level)
+      assert qm.quant == level and qm.execution == model.execution
+      params = params_of(qm)
+      assert isinstance(params["layers"]["moe"]["w1"], quant.QTensor), layout
+      assert isinstance(params["layers"]["attn"]["wq"], quant.QTensor), layout
+      assert not isinstance(params["embed"], quant.QTensor)
+      w1 = qm.layers.moe.w1[...] if layout == "stacked" else qm.layers[0].moe.w1[...].parts[0]
+      assert isinstance(w1, quant.QTensor), layout  # the weights the forward reads are the quantized ones
+      errs[level] = rel_err(forward(qm, tokens), ref)
+    assert errs["q8"] < 0.02 and errs["q8"] < errs["q2"] < 1.0, (layout, errs)
+    assert quant.weight_bytes(qm)["quantized"] < quant.weight_bytes(model)["quantized"] / 4, layout
 
 
 def test_quantized_checkpoint_round_trip(tmp_path):
-  cfg = tiny_config(num_layers=2, param_dtype="bfloat16", dtype="bfloat16")
+  cfg = tiny_config(num_layers=2, param_dtype="bfloat16")  # computes in bfloat16 too (execution dtype auto)
   qm = quant.quantize_model(build(cfg, seed=2), "q5")
+  assert qm.execution.dtype == "bfloat16"
   quant.save_quantized(str(tmp_path / "q5"), qm)
   assert quant.is_quantized_checkpoint(str(tmp_path / "q5"))
   loaded = quant.load_quantized(str(tmp_path / "q5"))
-  assert loaded.quant == "q5" and loaded.config == cfg
+  assert loaded.quant == "q5" and loaded.config == cfg and loaded.execution == qm.execution
   tokens = jnp.asarray([[1, 4, 2, 8]], jnp.int32)
   np.testing.assert_array_equal(loaded(tokens).logits, qm(tokens).logits)
   with pytest.raises(quant.QuantError, match="is not a quantized checkpoint"):
@@ -103,3 +112,19 @@ def test_quant_table_reports_bytes_and_perplexity_per_level(tmp_path):
   assert all(a["quantized_bytes"] > b["quantized_bytes"] for a, b in zip(rows, rows[1:]))
   assert rows[0]["ppl_change"] == 0 and abs(rows[1]["ppl_change"]) < 0.01 and rows[0]["tokens"] == 4 * 31
   assert "| q4 |" in (tmp_path / "table.md").read_text()
+
+
+def test_quantize_by_layer_and_consume_give_the_same_model():
+  """Stacked [L, E, ...] leaves are quantized one layer at a time (bounded float32 working copy); with
+  consume=True each float weight is freed once quantized, and the result is the same."""
+  from mixtral_jax.model import STACKED, build, params_of
+  cfg = tiny_config()
+  keep = quant.quantize_model(build(cfg, 0, STACKED), "q4")
+  victim = build(cfg, 0, STACKED)
+  w1 = victim.layers.moe.w1[...]
+  eaten = quant.quantize_model(victim, "q4", consume=True)
+  assert w1.is_deleted()
+  a, b = params_of(keep), params_of(eaten)
+  assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), a, b))
+  whole = quant.quantize(params_of(build(cfg, 0, STACKED))["layers"]["moe"]["w1"], "q4", 2, 1)
+  assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), whole, a["layers"]["moe"]["w1"]))

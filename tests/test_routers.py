@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from conftest import tiny_config
 from mixtral_jax.config import ConfigError
-from mixtral_jax.model import KVCache, build, from_params, params_of
+from mixtral_jax.execution import Execution
+from mixtral_jax.model import STACKED, KVCache, build, from_params, params_of, state_of
 from mixtral_jax.routers import ROUTERS, RouterOutput, sinkhorn_log, topk_gates
 from mixtral_jax.routers_extra import RouterBias, aux_free_bias_update, hash_experts, update_aux_free_bias
 
@@ -237,7 +238,7 @@ def test_aux_free_bias_update_rule():
 
 def test_aux_free_bias_is_state_updated_outside_the_gradient():
   cfg = tiny_config(router="aux_free_bias", router_options=(("bias_rate", 0.25),))
-  model = build(cfg)
+  model = build(cfg, execution=STACKED)  # as the trainer holds it: one [L, E] bias
   tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
 
   @nnx.jit
@@ -255,9 +256,12 @@ def test_aux_free_bias_is_state_updated_outside_the_gradient():
   assert bias.shape == (cfg.num_layers, cfg.num_experts)
   np.testing.assert_allclose(bias, aux_free_bias_update(jnp.zeros_like(bias), route, rate=0.25))
   assert set(np.unique(np.asarray(bias))) <= {-0.25, 0.0, 0.25}
-  # Loading parameters (e.g. converted Mixtral weights) starts the bias at zero.
-  loaded = from_params(cfg, params_of(model))
-  np.testing.assert_array_equal(loaded.layers.moe.router.bias[...], 0.0)
+  # Loading parameters (e.g. converted Mixtral weights) starts the bias at zero, in either layout.
+  for run in (None, STACKED):
+    loaded = from_params(cfg, params_of(model), run)
+    bias = state_of(loaded, RouterBias)["layers"]["moe"]["router"]["bias"]
+    assert bias.shape == (cfg.num_layers, cfg.num_experts)
+    np.testing.assert_array_equal(bias, 0.0)
 
 
 @pytest.mark.parametrize("name,dispatch", [
@@ -266,9 +270,8 @@ def test_aux_free_bias_is_state_updated_outside_the_gradient():
 def test_model_trains_with_router(name, dispatch):
   """End to end: a tiny model with each router (and some dispatch) runs forward and backward in training."""
   # Default tiny sizes: parameter init compiles per shape, so shared shapes keep the suite fast.
-  cfg = tiny_config(router=name, dispatch=dispatch, top_k=1 if name == "switch" else 2,
-                    router_jitter=0.1, router_logits_cap=5.0)
-  model = build(cfg, seed=1)
+  cfg = tiny_config(router=name, top_k=1 if name == "switch" else 2, router_jitter=0.1, router_logits_cap=5.0)
+  model = build(cfg, seed=1, execution=Execution.everywhere(dispatch, layout="stacked"))  # the trainer's layout
   tokens = jax.random.randint(jax.random.key(0), (2, 7), 0, cfg.vocab_size)
 
   def loss(m):
@@ -281,3 +284,19 @@ def test_model_trains_with_router(name, dispatch):
   if name != "hash":  # hash logits are a fixed 0 / -1e4 pattern, not learned
     assert float(jnp.max(jnp.abs(out.router.logits))) < 5.0  # soft-capped
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))
+
+
+def test_update_aux_free_bias_is_per_layer_in_every_layout():
+  """The in-place helper gives each layer its own routing, stacked ([L, E] bias) or unstacked ([E] each)."""
+  from mixtral_jax.model import STACKED, build, state_of
+  from mixtral_jax.routers_extra import update_aux_free_bias
+  cfg = tiny_config(router="aux_free_bias", router_options=(("bias_rate", 0.25),))
+  tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
+  biases = []
+  for run in (None, STACKED):
+    m = build(cfg, execution=run)
+    update_aux_free_bias(m, m(tokens).router)
+    biases.append(np.asarray(jax.tree.leaves(state_of(m, nnx.Not(nnx.Param)))[0]))  # [L, E]
+  assert biases[0].shape == (cfg.num_layers, cfg.num_experts)
+  np.testing.assert_array_equal(biases[0], biases[1])
+  assert len({tuple(row) for row in biases[0]}) > 1, "layers routed differently get different updates"

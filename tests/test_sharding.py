@@ -21,7 +21,7 @@ from mixtral_jax import expert_parallel as ep
 from mixtral_jax import sharding
 from mixtral_jax.config import ConfigError
 from mixtral_jax.dispatch import DISPATCHERS
-from mixtral_jax.model import Mixtral
+from mixtral_jax.model import STACKED, abstract_model
 from mixtral_jax.routers import topk_renormalized
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -93,7 +93,7 @@ def test_logical_to_spec():
 
 
 def test_every_parameter_has_logical_axes_with_layer_axis_prepended():
-  model = nnx.eval_shape(lambda: Mixtral(tiny_config(num_shared_experts=1), rngs=nnx.Rngs(0)))
+  model = abstract_model(tiny_config(num_shared_experts=1), STACKED)  # the layout meshes split
   flat = nnx.state(model).flat_state()
   for path, variable in flat:
     axes = sharding.variable_logical_axes(path, variable)
@@ -203,8 +203,10 @@ def test_orbax_restore_and_load_model_onto_a_different_mesh(mesh_results):
   # checkpoint.load_model onto a mesh: every device holds only its slices, values and loss unchanged.
   assert r["load_model_spec"] == "P(None, None, 'fsdp', 'tensor')" and r["load_model_devices"] == 8
   assert r["load_model_max_abs_diff"] == 0.0 and r["load_model_loss_err"] < 1e-6
-  # init_model creates a model directly in its sharded layout, with build()'s values (up to jit's fused
-  # rounding of the normal sampler, ~1e-8).
+  assert r["load_model_default_layout"] == "stacked"
+  # init_model creates a model directly in its sharded (stacked) layout, with build()'s values (build is
+  # unstacked on CPU; up to jit's fused rounding of the normal sampler, ~1e-8).
+  assert r["init_layout"] == "stacked"
   assert r["init_spec"] == "P(None, 'expert')" and r["init_max_abs_diff"] < 1e-7
 
 
@@ -213,25 +215,28 @@ def test_orbax_restore_and_load_model_onto_a_different_mesh(mesh_results):
 def test_plan_train_8x7b_on_h100_and_h200():
   from configs import plan_train
   from mixtral_jax.config import model_config_from
+  from mixtral_jax.execution import execution_from
   from mixtral_jax.train_plan import GiB, plan
   config = plan_train.get_config()
   cfg, mesh_cfg = model_config_from(config.model), sharding.mesh_config_from(config.mesh)
-  h100 = plan(cfg, mesh_cfg, hardware="h100_80gb", batch_size=8, seq_len=4096)
+  run = execution_from(config.run)  # remat=full, ep_capacity; computes in the parameters' bfloat16
+  h100 = plan(cfg, mesh_cfg, hardware="h100_80gb", batch_size=8, seq_len=4096, run=run)
+  assert h100.remat == "full" and h100.dispatch == "ep_capacity"
   assert h100.mesh == dict(data=1, fsdp=1, expert=8, tensor=1) and h100.batch_per_device == 1
   # Every 8x7B tensor divides by 8 on this mesh: float32 master weights are exactly 4 bytes x 46.7B / 8.
   assert h100.rows["train"]["params"] == 46_702_792_704 * 4 // 8
   assert h100.rows["train"]["optimizer"] == pytest.approx(2 * h100.rows["train"]["params"], rel=1e-6)
   assert not h100.fits("train") and h100.fits("lora")  # 16 bytes/param = 87 GiB before activations
-  assert plan(cfg, mesh_cfg, hardware="h200", batch_size=8, seq_len=4096).fits("train")
+  assert plan(cfg, mesh_cfg, hardware="h200", batch_size=8, seq_len=4096, run=run).fits("train")
   # Activations: remat=full keeps each layer's input; none keeps much more.
   full = h100.rows["train"]["activations"]
   assert full >= 32 * 4096 * 4096 * 2  # L x T x D in bfloat16
-  none = plan(cfg.replace(remat="none"), mesh_cfg, hardware="h100_80gb", batch_size=8, seq_len=4096)
+  none = plan(cfg, mesh_cfg, hardware="h100_80gb", batch_size=8, seq_len=4096, run=run.replace(remat="none"))
   assert none.rows["train"]["activations"] > 10 * full
-  tpu = plan(cfg, mesh_cfg, hardware="tpu_v5p_8", batch_size=8, seq_len=4096)
+  tpu = plan(cfg, mesh_cfg, hardware="tpu_v5p_8", batch_size=8, seq_len=4096, run=run)
   assert tpu.mesh["expert"] == 4 and tpu.batch_per_device == 2
   with pytest.raises(ConfigError, match="config.plan.hardware='h300' is unknown"):
-    plan(cfg, mesh_cfg, hardware="h300", batch_size=8, seq_len=4096)
+    plan(cfg, mesh_cfg, hardware="h300", batch_size=8, seq_len=4096, run=run)
 
 
 def test_plan_train_mode_prints_a_table(capsys):
