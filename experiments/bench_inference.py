@@ -4,14 +4,16 @@
     python experiments/bench_inference.py --quick    # small dims, a smoke run
 
 Model: an HF-written random MixtralForCausalLM (D=512, F=1792, 8 layers, 8 experts top-2, 8 heads /
-2 KV heads, vocab 32000, float32), saved with save_pretrained and loaded back into mixtral_jax from
-that directory with `python -m mixtral_jax.convert` and put in the inference layout. Measured:
-prefill B4 x T512 (the forward that yields the first new token: HF with logits_to_keep=1), greedy
-decode B1 x 128 and B8 x 64 new tokens after a 32-token prompt (HF: generate(N) - generate(1), ours:
-the jitted decode loop alone). Against the machine in the same run: matmul GFLOP/s (MFU) and read
-bandwidths (roofline.py): the batch-1 floor = weight bytes a token must read / a large matrix-vector
-product's bandwidth; the batch-8 floor = bytes a step must read / the bandwidth of [8, D] @ [D, F]
-products, which XLA:CPU streams at about half the matrix-vector rate.
+2 KV heads, vocab 32000, float32), saved with save_pretrained, converted with `python -m mixtral_jax.convert`
+and loaded the way a user loads it, `checkpoint.load_model(dir)`: the backend's fastest exact execution
+by default (on CPU per-layer buffers, sorted_loop prefill, routed_cond decode; the results record it as
+`execution`; --layout / --prefill_dispatch / --decode_dispatch ask for another). Measured through the
+public `sampling.prefill` / `sampling.decode`: prefill B4 x T512 (the forward that yields the first new
+token: HF with logits_to_keep=1), greedy decode B1 x 128 and B8 x 64 new tokens after a 32-token prompt
+(HF: generate(N) - generate(1), ours: the jitted decode loop alone). Against the machine in the same
+run: matmul GFLOP/s (MFU) and read bandwidths (roofline.py): the batch-1 floor = weight bytes a token
+must read / a large matrix-vector product's bandwidth; the batch-8 floor = bytes a step must read / the
+bandwidth of [8, D] @ [D, F] products, which XLA:CPU streams at about half the matrix-vector rate.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from experiments import report, roofline  # noqa: E402
 from experiments.roofline import best_time  # noqa: E402
 from mixtral_jax import hostmem, sampling  # noqa: E402
+from mixtral_jax.execution import to_dict  # noqa: E402
 from mixtral_jax.params import config_to_hf  # noqa: E402
 
 FULL = dict(vocab_size=32000, dim=512, ffn_dim=1792, num_layers=8, num_experts=8, top_k=2, num_heads=8,
@@ -62,26 +65,35 @@ def prefill_flops(cfg, batch: int, t: int) -> float:
   return 2 * per_token * batch * t + attention * batch + 2 * batch * d * cfg.vocab_size
 
 
-def load_ours(path: str, layout: str):
-  """The HF directory converted with our CLI, loaded, in the inference layout unless layout='stacked'."""
+def load_ours(path: str, execution=None):
+  """The HF directory converted with our CLI and loaded as a user loads it: `checkpoint.load_model(dir)`
+  (execution None = the backend's default; the --layout / --*_dispatch flags ask for another)."""
   from mixtral_jax import checkpoint
-  from mixtral_jax.unstacked import unstack
   out = path + "_converted"
   subprocess.run([sys.executable, "-m", "mixtral_jax.convert", path, out], check=True,
                  cwd=os.path.dirname(HERE), stdout=subprocess.DEVNULL)
-  model = checkpoint.load_model(out, dtype="float32")
-  return (unstack(model) if layout == "unstacked" else model), "python -m mixtral_jax.convert"
+  model = checkpoint.load_model(out, dtype="float32", execution=execution)
+  return model, "python -m mixtral_jax.convert + checkpoint.load_model"
+
+
+def requested_execution(args):
+  """None (load_model's default) unless a flag asks for something else: then only those fields."""
+  from mixtral_jax.execution import Execution
+  fields = {name: value for name, value in (("layout", args.layout), ("prefill_dispatch", args.prefill_dispatch),
+                                            ("decode_dispatch", args.decode_dispatch)) if value != "auto"}
+  return Execution(**fields) if fields else None
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--layout", default="unstacked", choices=["unstacked", "stacked"])
+  # How ours runs: "auto" = what checkpoint.load_model picks for this backend (the public default).
+  ap.add_argument("--layout", default="auto", choices=["auto", "unstacked", "stacked"])
   ap.add_argument("--host-memory", default="retain", choices=hostmem.POLICIES,
                   help="malloc policy for the whole process, so for HF and ours alike (mixtral_jax/hostmem.py)")
-  ap.add_argument("--prefill_dispatch", default=sampling.PREFILL_DISPATCH)
-  ap.add_argument("--decode_dispatch", default=sampling.DECODE_DISPATCH)
+  ap.add_argument("--prefill_dispatch", default="auto")
+  ap.add_argument("--decode_dispatch", default="auto")
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--out", default=os.path.join(HERE, "results", "inference_cpu"))
   args = ap.parse_args()
@@ -101,8 +113,9 @@ def main():
   tmp = tempfile.mkdtemp(prefix="bench_inference_")
   hf.save_pretrained(tmp)
   hf = transformers.MixtralForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
-  ours, how = load_ours(tmp, args.layout)
-  dispatch = f"{args.layout} layout, prefill {args.prefill_dispatch}, decode {args.decode_dispatch}"
+  ours, how = load_ours(tmp, requested_execution(args))
+  run = ours.execution  # what load_model resolved: the record says what was timed
+  dispatch = f"{run.layout} layout, prefill {run.prefill_dispatch}, decode {run.decode_dispatch}"
   print(f"loaded ours via {how}; {dispatch}", flush=True)
 
   load_before = os.getloadavg()
@@ -124,7 +137,7 @@ def main():
   # Prefill.
   b, t = prefill_shape
   tokens = rng.integers(1, cfg.vocab_size, (b, t)).astype(np.int32)
-  ours_s = best_time(lambda: sampling.prefill(ours, tokens, 1, dispatch=args.prefill_dispatch),
+  ours_s = best_time(lambda: sampling.prefill(ours, tokens, 1),
                      repeats=args.repeats)
   hf_s = float("nan")
   if not args.skip_hf:
@@ -143,10 +156,10 @@ def main():
     prompts = rng.integers(1, cfg.vocab_size, (b, prompt)).astype(np.int32)
 
     def ours_decode():
-      state = sampling.prefill(ours, prompts, n, dispatch=args.prefill_dispatch)
+      state = sampling.prefill(ours, prompts, n)
       jax.block_until_ready(state)
       t0 = time.perf_counter()
-      sampling.decode(ours, state, dispatch=args.decode_dispatch).tokens.block_until_ready()
+      sampling.decode(ours, state).tokens.block_until_ready()
       return time.perf_counter() - t0
 
     ours_decode()
@@ -181,7 +194,8 @@ def main():
         r["floor1_ms"] = r["floor_bytes"] / (peak["read1_gbps"] * 1e9) * 1e3
         r["ours_of_floor1"] = r["floor1_ms"] / r["ours_ms_per_step"]
   result = dict(config=dims, roofline=peak, roofline_samples=peaks, load_avg_before=load_before, load_avg_after=os.getloadavg(),
-                ours_loaded_via=how, dispatch=dispatch, torch_threads=torch.get_num_threads(), host_memory=host_memory,
+                ours_loaded_via=how, dispatch=dispatch, execution=to_dict(run), torch_threads=torch.get_num_threads(),
+                host_memory=host_memory,
                 rows=rows)
   lines = [f"# CPU inference vs HF transformers ({'quick' if args.quick else 'issue config'})", "",
            f"roofline in this run (best of {len(peaks)}): {peak['matmul_gflops']:.1f} GFLOP/s float32 matmul, "

@@ -4,9 +4,12 @@ One MoE layer (router + 8 SwiGLU experts, top-2) at D=512, F=1792, E=8 on 4096 t
 dispatch strategy: time of value_and_grad w.r.t. the input, router and expert weights, and GFLOP/s on
 the ACTIVE FLOPs (router + k experts per token, forward + backward = 3x forward), next to the machine's
 matmul peak measured in the same run and HF transformers' MixtralSparseMoeBlock (eager experts, PyTorch)
-on the same weights and tokens as the peer.
+on the same weights and tokens as the peer. Each arm is one `Execution` (mixtral_jax/execution.py: the
+strategy as `train_dispatch`, the rest this backend's training defaults), and its dispatcher is called
+with the tuning the model's MoE block passes it.
 
     python experiments/bench_moe.py [--repeats 5] [--tokens 4096] [--no-hf]
+    python experiments/bench_moe.py --tokens 256 --dim 64 --ffn 128 --repeats 1 --out DIR   # a smoke run
 
 Writes experiments/results/bench_moe.json and bench_moe.md.
 """
@@ -26,7 +29,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mixtral_jax.dispatch import DISPATCHERS, FAST_CAPACITY, expert_capacity  # noqa: E402
+from mixtral_jax.config import DTYPES  # noqa: E402
+from mixtral_jax.dispatch import FAST_CAPACITY, all_dispatchers, expert_capacity  # noqa: E402
+from mixtral_jax.execution import Execution, resolve, to_dict  # noqa: E402
 from mixtral_jax.grouped import default_block_size  # noqa: E402
 from mixtral_jax.routers import topk_renormalized  # noqa: E402
 
@@ -63,12 +68,15 @@ def make_inputs(tokens, dim, ffn, experts, seed=0):
               cotangent=jnp.asarray(rng.standard_normal((tokens, dim)), jnp.float32))
 
 
-def jax_step(dispatch, top_k, capacity_factor, **options):
-  """jit(value_and_grad) of <y, cotangent> through router + dispatch, w.r.t. x, gate, w1, w3, w2."""
+def jax_step(run: Execution, top_k, **options):
+  """jit(value_and_grad) of <y, cotangent> through router + dispatch, w.r.t. x, gate, w1, w3, w2. The
+  dispatcher is `run.train_dispatch`, called with the tuning the model passes it from its execution
+  (MoEBlock.__call__); `options` are a strategy's own keywords (dropless: block_size, fast_capacity)."""
   def loss(x, gate, w1, w3, w2, cotangent):
     route = topk_renormalized(x @ gate, top_k)
-    y, stats = DISPATCHERS.get(dispatch)(x, route, w1, w3, w2, dtype=jnp.float32, top_k=top_k,
-                                         capacity_factor=capacity_factor, **options)
+    y, stats = all_dispatchers().get(run.train_dispatch)(
+        x, route, w1, w3, w2, dtype=DTYPES[run.dtype], top_k=top_k, capacity_factor=run.capacity_factor,
+        grouped_matmul=run.grouped_matmul, loop_block=run.loop_block, **options)
     return jnp.sum(y * cotangent), stats["dropped_fraction"]
   grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
   return jax.jit(lambda p: grad(p["x"], p["gate"], p["w1"], p["w3"], p["w2"], p["cotangent"]))
@@ -128,29 +136,46 @@ def main():
   active = 3 * (2 * n * d * e + 3 * 2 * n * k * d * f)  # forward + backward = 3x forward
   peak = matmul_peak(args.repeats)
   block = default_block_size(n * k, e)
-  # dropless on CPU runs per-expert buffers when every load fits FAST_CAPACITY x the mean (random
-  # routers do), else padded blocks; the blocks-only arm measures that fallback for overflowing loads.
-  arms = [("dense", dict(repeats=min(2, args.repeats))), ("capacity", {}), ("dropless", {}),
-          ("dropless", dict(fast_capacity=None)), ("dropless", dict(fast_capacity=None, block_size=block // 2))]
-  if jax.default_backend() != "cpu":
-    arms.append(("dropless", dict(grouped_matmul="ragged_dot")))
+  # One Execution per arm: the strategies compared on purpose (everything else is this backend's
+  # training default, execution.resolve). dropless with blocks runs per-expert buffers when every load
+  # fits FAST_CAPACITY x the mean (random routers do), else padded blocks; the blocks-only arms measure
+  # that fallback for overflowing loads. sorted_loop (the CPU prefill default) differentiates through
+  # dropless' backward pass. routed_cond is left out: a decode strategy, it runs every chosen expert on
+  # all N tokens (dense's FLOPs at N = 4096). An arm equal to an earlier one once resolved (dropless's
+  # default grouped matmul named explicitly) runs once.
+  base = Execution(capacity_factor=args.capacity_factor)
+  blocks = base.replace(train_dispatch="dropless", grouped_matmul="blocks")
+  arms = [(base.replace(train_dispatch="dense"), dict(repeats=min(2, args.repeats))),
+          (base.replace(train_dispatch="capacity"), {}), (base.replace(train_dispatch="dropless"), {}),
+          (blocks, {}), (blocks, dict(fast_capacity=None)), (blocks, dict(fast_capacity=None, block_size=block // 2)),
+          (base.replace(train_dispatch="sorted_loop"), {})]
+  if jax.default_backend() != "cpu":  # XLA:CPU's ragged_dot is ~10x slower than an equal batched matmul
+    arms.insert(4, (base.replace(train_dispatch="dropless", grouped_matmul="ragged_dot"), {}))
   logits = inputs["x"] @ inputs["gate"]
   load = np.bincount(np.asarray(topk_renormalized(logits, k).experts).ravel(), minlength=e)
   print(f"expert loads (slots): {load.tolist()}; max / mean = {load.max() / load.mean():.3f}")
   rows = []
-  for name, options in arms:
+  seen = set()
+  for run, options in arms:
+    run = resolve(run, purpose="train")
+    if (run, tuple(sorted(options.items()))) in seen:
+      continue
+    seen.add((run, tuple(sorted(options.items()))))
     options = dict(options)
     repeats = options.pop("repeats", args.repeats)
-    step = jax_step(name, k, args.capacity_factor, **options)
+    step = jax_step(run, k, **options)
     best, median = timed(step, inputs, repeats=repeats)
     (_, dropped), _ = step(inputs)
-    label = name + "".join(f" {key}={value}" for key, value in options.items())
-    if name == "dropless" and not options:
+    name = run.train_dispatch
+    label = name + (f" {run.grouped_matmul}" if name == "dropless" else "")
+    label += f" loop_block={run.loop_block}" if name == "sorted_loop" else ""
+    label += "".join(f" {key}={value}" for key, value in options.items())
+    if name == "dropless" and run.grouped_matmul == "blocks" and not options:
       label += f" (auto: buffers of {FAST_CAPACITY} x mean load, else blocks of {block})"
-    elif name == "dropless" and "block_size" not in options:
+    elif name == "dropless" and run.grouped_matmul == "blocks" and "block_size" not in options:
       label += f" (padded blocks of {block})"
     gflops = active / best / 1e9
-    rows.append(dict(dispatch=label, best_s=best, median_s=median, active_gflops=gflops,
+    rows.append(dict(dispatch=label, execution=to_dict(run), best_s=best, median_s=median, active_gflops=gflops,
                      fraction_of_peak=gflops / peak, dropped_fraction=float(dropped)))
     print(f"{label:40s} {best * 1e3:8.1f} ms  {gflops:6.1f} GFLOP/s active  {gflops / peak:5.1%} of peak  "
           f"dropped {float(dropped):.3f}", flush=True)

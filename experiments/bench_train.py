@@ -2,7 +2,8 @@
 
 Same weights (a random HF MixtralForCausalLM mapped into our tree), same batch, same loss (next-token
 cross-entropy + 0.02 x the load-balancing loss, HF's router_aux_loss_coef), same optimizer settings. For
-each dispatch strategy: median step time, tokens/s, the ratio to HF, and MFU against the float32 matmul
+each dispatch strategy (`config.run.train_dispatch`; the rest of the execution is the backend's training
+default): median step time, tokens/s, the ratio to HF, and MFU against the float32 matmul
 peak measured in the same run. Model FLOPs per token (PaLM convention): 6 x active parameters (attention,
 router, top_k experts, LM head; not the embedding lookup) + 12 x L x H x Dh x T for attention scores.
 
@@ -10,8 +11,10 @@ router, top_k experts, LM head; not the embedding lookup) + 12 x L x H x Dh x T 
                                       [--preset cpu|small|gpu_slice]
 
 cpu: D=512 F=1792 L=8 E=8 k=2 H=8 K=2 V=32000, batch 8 x 256, float32 (the issue's configuration).
-small: a quick smoke configuration. gpu_slice: 4 full-width layers (D4096/F14336), bfloat16 compute,
-float32 master weights, batch 4 x 2048 (for accelerators; HF is skipped there).
+small: a quick smoke configuration. gpu_slice: 4 full-width layers (D4096/F14336), bfloat16 compute
+(config.run.dtype), float32 master weights, batch 4 x 2048 (for accelerators; HF is skipped there).
+Our step is the trainer's own: `train_step.build_setup(config)` then `make_train_step`, as `python run.py`
+builds them.
 Writes experiments/results/bench_train_<preset>.json and .md.
 """
 from __future__ import annotations
@@ -31,7 +34,8 @@ import numpy as np  # noqa: E402
 
 from experiments import roofline  # noqa: E402
 from mixtral_jax import hostmem, optim, params as params_lib, train_step  # noqa: E402
-from mixtral_jax.config import model_config_from  # noqa: E402
+from mixtral_jax.config import model_config_from, to_dict as model_dict  # noqa: E402
+from mixtral_jax.execution import Execution, to_dict as execution_dict  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PRESETS = {
@@ -40,8 +44,8 @@ PRESETS = {
     "small": dict(model=dict(vocab_size=4096, dim=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                              ffn_dim=256, num_experts=8, top_k=2), batch=4, seq_len=128),
     "gpu_slice": dict(model=dict(vocab_size=32000, dim=4096, num_layers=4, num_heads=32, num_kv_heads=8,
-                                 head_dim=128, ffn_dim=14336, num_experts=8, top_k=2, dtype="bfloat16"),
-                      batch=4, seq_len=2048),
+                                 head_dim=128, ffn_dim=14336, num_experts=8, top_k=2),
+                      run=dict(dtype="bfloat16"), batch=4, seq_len=2048),
 }
 AUX_COEF = 0.02  # HF Mixtral's router_aux_loss_coef
 
@@ -79,19 +83,24 @@ def time_steps(step_fn, steps: int) -> list:
   return times
 
 
-def jax_run(cfg, params, batch, steps: int) -> dict:
-  """Our train step (train_step.make_train_step: the same code `python run.py` trains with)."""
-  config = ml_collections.ConfigDict(dict(model=dict(), train=train_config(steps)))
-  from flax import nnx
-  from mixtral_jax.model import Mixtral
-  graphdef, _, rest = nnx.split(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
-  setup = train_step.Setup(cfg, graphdef, params, nnx.to_pure_dict(rest), None)
-  opt, schedule = optim.make_optimizer(config.train, params, num_experts=cfg.num_experts)
+def jax_run(cfg, params, batch, steps: int, run: Execution = Execution()) -> dict:
+  """Our train step, built as `python run.py` builds it: train_step.build_setup from a config holding the
+  model (cfg), its execution (run: config.run) and the train section, then make_train_step. `params` (a
+  canonical tree, e.g. HF's weights mapped into ours) replace the setup's initial weights; None keeps them
+  (build_setup's seed-0 initialisation)."""
+  config = ml_collections.ConfigDict(dict(seed=0, model=model_dict(cfg), run=execution_dict(run),
+                                          train=train_config(steps)))
+  setup = train_step.build_setup(config)
+  if params is not None:
+    setup = setup._replace(base=params)  # drops the random initial weights
+  params = setup.base
+  opt, schedule = optim.make_optimizer(config.train, params, num_experts=setup.cfg.num_experts)
   state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(opt.init)(params),
-               rng=jax.random.PRNGKey(0), rest={})
+               rng=jax.random.PRNGKey(0), rest=setup.rest)
   step = train_step.make_train_step(setup, config.train, opt, schedule)
   batch = jax.device_put(batch)
   holder = {"state": state}
+  resolved = execution_dict(setup.run)  # what ran: the trainer's resolved execution
 
   def one():
     holder["state"], metrics = step(holder["state"], None, batch)
@@ -103,7 +112,7 @@ def jax_run(cfg, params, batch, steps: int) -> dict:
   first_loss = holder["loss"]
   one()  # warm-up
   times = time_steps(one, steps)
-  return dict(compile_s=compile_s, first_loss=first_loss, times=times)
+  return dict(compile_s=compile_s, first_loss=first_loss, times=times, execution=resolved)
 
 
 def hf_model_and_params(cfg, seed: int, experts_implementation):
@@ -180,11 +189,11 @@ def main(argv=None):
       hf_model = model
       print(f"{rows[-1]['name']}: median {np.median(result['times']):.3f}s/step", flush=True)
     del hf_model
-  if params is None:
-    params = train_step.init_model(base_cfg, 0)[1]
+  base_run = Execution(**preset.get("run", {}))
   for dispatch in args.dispatch.split(","):
-    cfg = base_cfg.replace(dispatch=dispatch)
-    result = jax_run(cfg, jax.tree.map(jnp.copy, params), batch, args.steps)  # the step donates its state
+    run = base_run.replace(train_dispatch=dispatch)
+    # The step donates its state: each run gets its own copy of HF's weights (None: build_setup's own).
+    result = jax_run(base_cfg, None if params is None else jax.tree.map(jnp.copy, params), batch, args.steps, run)
     rows.append(dict(name=f"mixtral_jax ({dispatch} dispatch)", kind="jax", dispatch=dispatch, **result))
     print(f"{rows[-1]['name']}: median {np.median(result['times']):.3f}s/step "
           f"(compile {result['compile_s']:.1f}s)", flush=True)
@@ -198,8 +207,8 @@ def main(argv=None):
   out = dict(preset=args.preset, model=preset["model"], batch=preset["batch"], seq_len=preset["seq_len"],
              model_gflop_per_step=flops / 1e9, roofline=peak, load_avg_before=load_before,
              load_avg_after=os.getloadavg()[0], steps=args.steps, host_memory=host_memory, rows=rows)
-  os.makedirs(RESULTS, exist_ok=True)
   stem = args.out or os.path.join(RESULTS, f"bench_train_{args.preset}")
+  os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
   with open(stem + ".json", "w") as f:
     json.dump(out, f, indent=2, default=float)
   with open(stem + ".md", "w") as f:

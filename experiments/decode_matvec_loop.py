@@ -4,8 +4,9 @@
 
 A jitted loop of 128 "tokens", each running the matrix-vector products of the issue-5 bench model
 (D=512, F=1792, 8 layers, 8 experts top-2, 2 KV heads, vocab 32000, float32) on separate buffers, as
-the inference layout (unstacked.py) holds them: q/k/v/o, the router, 2 experts' w1/w3/w2 per layer, the
-LM head. No attention, norms, cache or sampling. Variants:
+the CPU inference layout holds them (Execution(layout="unstacked"), the default there: per-layer modules,
+per-expert buffers): q/k/v/o, the router, 2 experts' w1/w3/w2 per layer, the LM head. No attention,
+norms, cache or sampling. Variants:
   fixed   always experts 0 and 1 (no control flow): the pure weight-streaming time;
   cond    one `lax.cond` per expert on the router's top-2 (what `routed_cond` does);
   switch  one `lax.switch` per routing slot.

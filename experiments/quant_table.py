@@ -5,7 +5,9 @@
     python experiments/quant_table.py --checkpoint=CKPT --text=heldout.txt
     -> experiments/results/quant_perplexity.{json,md}
 
---checkpoint is a training workdir (its latest weights) or a mixtral_jax checkpoint (converted or saved).
+--checkpoint is anything `checkpoint.load_model` reads (mixtral_jax.loading): a training workdir (its latest
+weights), a mixtral_jax checkpoint (converted or saved), an HF directory or a Mistral release; it is loaded
+as a user loads it, in the backend's default execution, and every level is `quant.quantize_model` of it.
 Held-out text: by default the documents the default run held out (config.data of configs/tiny.py:
 the standard library's sources, split by eval_fraction and seed exactly as training split them), packed
 into batches as the trainer evaluates; or --text, tokenized with Mixtral's tokenizer and cut into
@@ -42,7 +44,7 @@ def windows(ids, seq_len: int, batch: int, limit: int):
 
 def main(argv=None):
   ap = argparse.ArgumentParser()
-  ap.add_argument("--checkpoint", required=True, help="training workdir or mixtral_jax checkpoint directory")
+  ap.add_argument("--checkpoint", required=True, help="training workdir, mixtral_jax checkpoint or HF directory")
   ap.add_argument("--text", default="", help="held-out text file; default: the default run's held-out documents")
   ap.add_argument("--seq_len", type=int, default=256)
   ap.add_argument("--batch", type=int, default=4)
@@ -50,13 +52,14 @@ def main(argv=None):
   ap.add_argument("--levels", default=",".join(quant.LEVELS))
   ap.add_argument("--out", default=os.path.join(HERE, "results", "quant_perplexity"))
   args = ap.parse_args(argv)
-  from mixtral_jax.config import ConfigError
-  from mixtral_jax.model import from_params
-  from mixtral_jax.train_checkpoints import load_pretrained
+  from mixtral_jax.checkpoint import load_model
+  from mixtral_jax.formats import CheckpointError
   try:
-    model = from_params(*load_pretrained(args.checkpoint, dtype="float32"))
-  except ConfigError as e:
-    sys.exit(f"error: {str(e).replace('config.checkpoint: ', '')}")
+    model = load_model(args.checkpoint, dtype="float32")
+  except CheckpointError as e:
+    sys.exit(f"error: {e}")
+  if getattr(model, "quant", None):
+    sys.exit(f"error: {args.checkpoint} is already quantized ({model.quant}); the table starts from float weights")
   tokenizer = Tokenizer()
   if args.text:
     with open(args.text) as f:

@@ -36,6 +36,8 @@ BENCHMARKS = {
     "train_default_malloc": (["bench_train.py", "--host-memory", "default", "--dispatch", "capacity", "--hf-experts",
                               "grouped_mm", "--out", os.path.join(RESULTS, "bench_train_cpu_default_malloc")],
                              "bench_train_cpu_default_malloc.md", "issue 6, default malloc"),
+    "public_api": (["bench_public_api.py"], "bench_public_api.md",
+                   "the README's public calls (forward, generate, eval mode) vs HF, as a user calls them"),
     "convert": (["bench_convert.py"], "bench_convert.md", "issue 3: streaming conversion, peak RSS"),
     "sharding": (["bench_sharding.py"], "bench_sharding.md", "issue 7: 8 simulated devices per mesh"),
     "gpu": (["gpu_bench.py"], "gpu_bench.md", "issues 5/6: full-width 8x7B on one H200"),

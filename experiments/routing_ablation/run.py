@@ -30,14 +30,17 @@ from experiments.routing_ablation.arms import ARMS, QUICK_ARMS  # noqa: E402
 
 def arm_config(name: str, *, steps: int, seed: int = 0):
   """The shared small setup (byte-level tokens keep the vocabulary at 263, so the 15-minute budget goes to
-  the expert layers, not a 32k softmax) with this arm's routing fields."""
-  router, aux, dispatch, extra = ARMS[name]
+  the expert layers, not a 32k softmax) with this arm's routing fields: the router and model fields in
+  config.model, the dispatch strategy (training, and the held-out evaluation that follows it) and its
+  execution fields in config.run."""
+  router, aux, dispatch, model_fields, run_fields = ARMS[name]
   config = tiny.get_config()
   config.seed = seed
   config.model.update(dict(vocab_size=263, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                           ffn_dim=128, num_experts=8, top_k=2, router=router, dispatch=dispatch,
-                           max_positions=512))
-  config.model.update(extra)
+                           ffn_dim=128, num_experts=8, top_k=2, router=router, max_positions=512))
+  config.model.update(model_fields)
+  config.run.train_dispatch = dispatch
+  config.run.update(run_fields)
   config.data.tokenizer = "bytes"
   t = config.train
   t.steps, t.batch_size, t.seq_len = steps, 8, 128
