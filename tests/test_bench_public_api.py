@@ -28,7 +28,7 @@ def test_bench_public_api_quick(tmp_path):
   assert m["forward"]["logits_rel_err"] < 1e-4
   assert m["forward"]["ours_mfu"] > 0 and m["forward"]["hf_mfu"] > 0
   e = m["eval"]
-  assert e["basis"] in ("marginal", "end_to_end") and e["runs"][0]["wall_s"] > 0
+  assert e["runs"][0]["wall_s"] > 0 and e["runs"][0]["tok_s"] > 0
   assert e["tok_s_median"] > 0 and 0 < e["runs"][0]["tokens"] <= e["batch_size"] * e["seq_len"] * e["max_batches"]
   assert record["machine"]["host_memory"] in ("retain", "default")
   table = (tmp_path / "bench_public_api.md").read_text()

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import hf_logits, hf_model, rel_err, tiny_config
 from mixtral_jax import checkpoint, convert, params
+from mixtral_jax.model import params_of
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -172,7 +173,7 @@ def test_bfloat16(case, hf_models, tmp_path, capsys):
   # Loaded in float32, the bf16 weights are exact, so the logits equal HF's on the same rounded weights.
   assert rel_err(ours_logits(tmp_path / "ckpt"), rounded_bf16_logits(hf)) <= TOL
   model = checkpoint.load_model(tmp_path / "ckpt", dtype="bfloat16")
-  assert model.layers.moe.w1[...].dtype == jnp.bfloat16
+  assert params_of(model)["layers"]["moe"]["w1"].dtype == jnp.bfloat16
 
 
 def test_float32_from_bf16_and_back_to_hf_bf16(hf_models, tmp_path, capsys):
@@ -389,10 +390,10 @@ def test_rope_theta_in_rope_parameters_or_top_level(hf_models, tmp_path, capsys)
 def test_to_hf_from_save_model_checkpoint(tmp_path, capsys):
   """The serving path for a trained model: save_model (Orbax-chosen chunks) -> --to-hf -> transformers."""
   from flax import nnx
-  from mixtral_jax.model import Mixtral, from_params
+  from mixtral_jax.model import abstract_params, from_params
   cfg = tiny_config(**CONFIGS["top3"])
   rng = np.random.default_rng(7)
-  shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Mixtral(cfg, rngs=nnx.Rngs(0)))))
+  shapes = abstract_params(cfg)
   model = from_params(cfg, jax.tree.map(lambda s: 0.2 * rng.standard_normal(s.shape, np.float32), shapes))
   checkpoint.save_model(tmp_path / "trained", model)
   rc, _, err = run(["--to-hf", tmp_path / "trained", tmp_path / "hf"], capsys)
@@ -403,8 +404,7 @@ def test_to_hf_from_save_model_checkpoint(tmp_path, capsys):
   assert rel_err(hf_logits(reloaded, TOKENS), expected) <= TOL
   # A model HF cannot represent is refused, in one line, with nothing written.
   shared = from_params(cfg.replace(num_shared_experts=1), jax.tree.map(
-      lambda s: np.zeros(s.shape, np.float32), nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-          lambda: Mixtral(cfg.replace(num_shared_experts=1), rngs=nnx.Rngs(0)))))))
+      lambda s: np.zeros(s.shape, np.float32), abstract_params(cfg.replace(num_shared_experts=1))))
   checkpoint.save_model(tmp_path / "shared", shared)
   rc, _, err = run(["--to-hf", tmp_path / "shared", tmp_path / "hf2"], capsys)
   assert rc == 2 and "layers.moe.shared" in err and len(err.strip().splitlines()) == 1, err
