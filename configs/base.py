@@ -54,7 +54,7 @@ def run_config():
 
 
 def train_config():
-  """mode=train (mixtral_jax/train.py). Sized for the default run: tiny model, 2 CPU cores, < 3 minutes."""
+  """mode=train (mixtral_jax/training/train.py). Sized for the default run: tiny model, 2 CPU cores, < 3 minutes."""
   return ml_collections.ConfigDict(dict(
       # 200 steps of 8 x 128 tokens: 2 min 54 s for the whole default run on 2 quiet CPU cores (held-out
       # perplexity 33,247 -> 434); 300 steps take ~4 min (-> 290).
@@ -66,7 +66,7 @@ def train_config():
       b1=0.9, b2=0.95, eps=1e-8,     # AdamW; b2=0.95 is the usual LM choice (faster to adapt than 0.999)
       weight_decay=0.1,              # matrices only: never norm scales or biases
       clip_norm=1.0,                 # global-norm clipping; 0 disables
-      # Auxiliary losses (mixtral_jax.losses.LOSSES) and their weights, applied only in the train step.
+      # Auxiliary losses (mixtral_jax.moe.losses.LOSSES) and their weights, applied only in the train step.
       # Weight 0 still logs the loss. HF's Mixtral uses router_aux_loss_coef=0.02 for load_balancing.
       aux_losses=ml_collections.ConfigDict({"load_balancing": 0.02, "z_loss": 0.001}),
       freeze_router=False,           # keep every router kernel fixed
@@ -102,7 +102,7 @@ def logging_config():
 
 
 def mesh():
-  """How devices are arranged and what is split over them (see mixtral_jax/sharding.py).
+  """How devices are arranged and what is split over them (see mixtral_jax/parallel/sharding.py).
 
   Axis sizes multiply to the device count; -1 takes the rest. The default (fsdp=-1) splits every non-expert
   weight and the batch over all devices, which on one device is no split at all. `rules` map the logical

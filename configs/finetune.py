@@ -3,7 +3,7 @@
     python run.py --config=configs/finetune.py --config.checkpoint=DIR --config.data.paths=data.jsonl
     python run.py --config=configs/finetune.py:lora=True,targets=attn,rank=16 --config.checkpoint=DIR
 
-DIR is anything mixtral_jax.loading reads: a converted or quantized checkpoint (dequantized), a workdir of
+DIR is anything mixtral_jax.checkpoints.loading reads: a converted or quantized checkpoint (dequantized), a workdir of
 this trainer, an HF directory or a Mistral release. The model's shape comes from DIR; `config.model` may
 change only router_jitter and router_logits_cap, and `config.run` how it computes (dispatch, remat, dtype).
 At the end the weights (LoRA: merged into the base) are saved as a checkpoint WORKDIR/export;

@@ -1,4 +1,4 @@
-"""Training memory plan for Mixtral 8x7B on a named slice (mode=plan_train; see mixtral_jax/train_plan.py).
+"""Training memory plan for Mixtral 8x7B on a named slice (mode=plan_train; see mixtral_jax/training/plan.py).
 
     python run.py --config=configs/plan_train.py                        # 8x H100 80GB, expert=8
     python run.py --config=configs/plan_train.py:hardware=tpu_v5p_8      # 4 chips: expert=4

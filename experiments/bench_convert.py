@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mixtral_jax import formats  # noqa: E402
+from mixtral_jax.checkpoints import formats  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 SIZES = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,

@@ -34,9 +34,10 @@ import jax.numpy as jnp  # noqa: E402
 
 from experiments import report, roofline  # noqa: E402
 from experiments.roofline import best_time  # noqa: E402
-from mixtral_jax import hostmem, sampling  # noqa: E402
+from mixtral_jax import hostmem
+from mixtral_jax.inference import sampling  # noqa: E402
 from mixtral_jax.execution import to_dict  # noqa: E402
-from mixtral_jax.params import config_to_hf  # noqa: E402
+from mixtral_jax.checkpoints.params import config_to_hf  # noqa: E402
 
 FULL = dict(vocab_size=32000, dim=512, ffn_dim=1792, num_layers=8, num_experts=8, top_k=2, num_heads=8,
             num_kv_heads=2, head_dim=64, max_positions=4096, rope_theta=1e6)
@@ -68,7 +69,7 @@ def prefill_flops(cfg, batch: int, t: int) -> float:
 def load_ours(path: str, execution=None):
   """The HF directory converted with our CLI and loaded as a user loads it: `checkpoint.load_model(dir)`
   (execution None = the backend's default; the --layout / --*_dispatch flags ask for another)."""
-  from mixtral_jax import checkpoint
+  from mixtral_jax.checkpoints import store as checkpoint
   out = path + "_converted"
   subprocess.run([sys.executable, "-m", "mixtral_jax.convert", path, out], check=True,
                  cwd=os.path.dirname(HERE), stdout=subprocess.DEVNULL)

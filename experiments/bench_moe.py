@@ -30,10 +30,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mixtral_jax.config import DTYPES  # noqa: E402
-from mixtral_jax.dispatch import FAST_CAPACITY, all_dispatchers, expert_capacity  # noqa: E402
+from mixtral_jax.moe.dispatch import FAST_CAPACITY, all_dispatchers, expert_capacity  # noqa: E402
 from mixtral_jax.execution import Execution, resolve, to_dict  # noqa: E402
-from mixtral_jax.grouped import default_block_size  # noqa: E402
-from mixtral_jax.routers import topk_renormalized  # noqa: E402
+from mixtral_jax.moe.grouped import default_block_size  # noqa: E402
+from mixtral_jax.moe.routers import topk_renormalized  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

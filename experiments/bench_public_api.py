@@ -233,7 +233,8 @@ def main(argv=None):
   import torch
   import transformers
   from flax import nnx
-  from mixtral_jax import checkpoint, sampling
+  from mixtral_jax.checkpoints import store as checkpoint
+  from mixtral_jax.inference import sampling
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   mode = "quick" if args.quick else "full"
   dims, sizes = (QUICK if args.quick else FULL), SIZES[mode]

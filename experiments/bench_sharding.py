@@ -34,8 +34,8 @@ from flax import nnx  # noqa: E402
 
 from experiments import report  # noqa: E402
 from experiments.roofline import measure  # noqa: E402
-from mixtral_jax import sharding  # noqa: E402
-from mixtral_jax.dispatch import expert_capacity  # noqa: E402
+from mixtral_jax.parallel import placement, sharding  # noqa: E402
+from mixtral_jax.moe.dispatch import expert_capacity  # noqa: E402
 from mixtral_jax.config import ModelConfig  # noqa: E402
 from mixtral_jax.execution import Execution, to_dict  # noqa: E402
 from mixtral_jax.model import build  # noqa: E402
@@ -205,7 +205,7 @@ def run_case(dispatch, mesh_name=None, repeats=5):
     mesh_cfg = sharding.mesh_config_from(MESHES[mesh_name])
     mesh, rules = sharding.make_mesh(mesh_cfg), mesh_cfg.rules_dict
     with sharding.use_mesh(mesh, rules):
-      model = sharding.init_model(CFG, 0, mesh, rules, run)
+      model = placement.init_model(CFG, 0, mesh, rules, run)
       graphdef, state = nnx.split(model)
       step = make_step(graphdef)
       batch = sharding.put_batch(tokens, mesh, rules)

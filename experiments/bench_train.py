@@ -33,7 +33,10 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import roofline  # noqa: E402
-from mixtral_jax import hostmem, optim, params as params_lib, train_step  # noqa: E402
+from mixtral_jax import hostmem
+from mixtral_jax.training import optim
+from mixtral_jax.checkpoints import params as params_lib
+from mixtral_jax.training import step as train_step  # noqa: E402
 from mixtral_jax.config import model_config_from, to_dict as model_dict  # noqa: E402
 from mixtral_jax.execution import Execution, to_dict as execution_dict  # noqa: E402
 

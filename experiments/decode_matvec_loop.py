@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from experiments import report, roofline  # noqa: E402
-from mixtral_jax.dispatch_decode import swiglu  # noqa: E402
+from mixtral_jax.moe.dispatch_decode import swiglu  # noqa: E402
 
 D, F, E, K, L, V, KV = 512, 1792, 8, 2, 8, 32000, 128
 TOKENS = 128

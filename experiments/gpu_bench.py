@@ -43,7 +43,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from experiments.roofline import best_time  # noqa: E402
-from mixtral_jax import quant as quant_lib, sampling  # noqa: E402
+from mixtral_jax.inference import quant as quant_lib
+from mixtral_jax.inference import sampling  # noqa: E402
 from mixtral_jax.config import ModelConfig  # noqa: E402
 from mixtral_jax.execution import Execution, to_dict  # noqa: E402
 from mixtral_jax.model import build, with_execution  # noqa: E402

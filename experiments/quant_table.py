@@ -5,13 +5,13 @@
     python experiments/quant_table.py --checkpoint=CKPT --text=heldout.txt
     -> experiments/results/quant_perplexity.{json,md}
 
---checkpoint is anything `checkpoint.load_model` reads (mixtral_jax.loading): a training workdir (its latest
+--checkpoint is anything `checkpoint.load_model` reads (mixtral_jax.checkpoints.loading): a training workdir (its latest
 weights), a mixtral_jax checkpoint (converted or saved), an HF directory or a Mistral release; it is loaded
 as a user loads it, in the backend's default execution, and every level is `quant.quantize_model` of it.
 Held-out text: by default the documents the default run held out (config.data of configs/tiny.py:
 the standard library's sources, split by eval_fraction and seed exactly as training split them), packed
 into batches as the trainer evaluates; or --text, tokenized with Mixtral's tokenizer and cut into
-`--seq_len` windows (BOS first). Perplexity is mixtral_jax.evaluate.perplexity on the same batches for
+`--seq_len` windows (BOS first). Perplexity is mixtral_jax.inference.evaluate.perplexity on the same batches for
 float32 and every level.
 """
 from __future__ import annotations
@@ -27,9 +27,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 
 from experiments import report  # noqa: E402
-from mixtral_jax import data, quant  # noqa: E402
-from mixtral_jax.evaluate import perplexity  # noqa: E402
-from mixtral_jax.tokenizer import Tokenizer  # noqa: E402
+from mixtral_jax.training import data
+from mixtral_jax.inference import quant  # noqa: E402
+from mixtral_jax.inference.evaluate import perplexity  # noqa: E402
+from mixtral_jax.inference.tokenizer import Tokenizer  # noqa: E402
 
 
 def windows(ids, seq_len: int, batch: int, limit: int):
@@ -52,8 +53,8 @@ def main(argv=None):
   ap.add_argument("--levels", default=",".join(quant.LEVELS))
   ap.add_argument("--out", default=os.path.join(HERE, "results", "quant_perplexity"))
   args = ap.parse_args(argv)
-  from mixtral_jax.checkpoint import load_model
-  from mixtral_jax.formats import CheckpointError
+  from mixtral_jax.checkpoints.store import load_model
+  from mixtral_jax.checkpoints.formats import CheckpointError
   try:
     model = load_model(args.checkpoint, dtype="float32")
   except CheckpointError as e:

@@ -35,7 +35,7 @@ class ModelConfig:
   norm_eps: float = 1e-5
   sliding_window: Optional[int] = None   # None (or 0 in a ConfigDict) = full causal attention
   max_positions: int = 32768
-  router: str = "mixtral_topk"    # name in mixtral_jax.routers.ROUTERS
+  router: str = "mixtral_topk"    # name in mixtral_jax.moe.routers.ROUTERS
   router_options: tuple = ()      # extra router keyword arguments, as sorted (name, value) pairs
   num_shared_experts: int = 0     # DeepSeekMoE-style always-on experts of width ffn_dim
   router_jitter: float = 0.0      # multiplicative noise on the router input, training only
@@ -61,7 +61,7 @@ _POSITIVE = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "he
 def validate(cfg: ModelConfig) -> ModelConfig:
   """Checks a ModelConfig; raises ConfigError naming the field. Returns cfg for chaining."""
   # Imported here: the registries import this module.
-  from mixtral_jax import routers
+  from mixtral_jax.moe import routers
 
   for name in _POSITIVE:
     value = getattr(cfg, name)

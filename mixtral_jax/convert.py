@@ -6,7 +6,7 @@
 SRC is an HF directory (config.json + model.safetensors or sharded shards with an index; legacy
 per-expert or transformers-v5 fused experts) or an original Mistral release (params.json +
 consolidated.*.pth or consolidated.safetensors, including the early stacked-experts variant); see
-mixtral_jax/sources.py. Both directions stream: one layer of attention, one expert or one block of the
+mixtral_jax/checkpoints/sources.py. Both directions stream: one layer of attention, one expert or one block of the
 embedding is in memory at a time. Errors the user can cause are one line `error: ...` on stderr, exit
 status 2, and leave nothing at the destination.
 """
@@ -25,9 +25,12 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from mixtral_jax import checkpoint, formats, params, sources
+from mixtral_jax.checkpoints import store as checkpoint
+from mixtral_jax.checkpoints import formats
+from mixtral_jax.checkpoints import params
+from mixtral_jax.checkpoints import sources
 from mixtral_jax.config import ConfigError, ModelConfig
-from mixtral_jax.formats import CheckpointError
+from mixtral_jax.checkpoints.formats import CheckpointError
 
 DTYPE_CHOICES = ("float32", "bfloat16")
 READS_IN_FLIGHT = 3  # --to-hf: tensors being read (decompressed) ahead of the one being written

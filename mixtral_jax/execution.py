@@ -103,8 +103,8 @@ def backend_defaults(backend: Optional[str] = None) -> dict:
 
 def validate(run: Execution) -> Execution:
   """Checks an Execution; raises ConfigError naming the config.run field. Returns run for chaining."""
-  from mixtral_jax.dispatch import all_dispatchers
-  from mixtral_jax.grouped import GROUPED_MATMULS
+  from mixtral_jax.moe.dispatch import all_dispatchers
+  from mixtral_jax.moe.grouped import GROUPED_MATMULS
   known = all_dispatchers()
   for phase in PHASES:
     name = run.dispatch_for(phase)

@@ -16,8 +16,8 @@ from mixtral_jax.registry import Registry
 MODES = Registry("mode")
 
 # Modules that register modes; imported lazily so `import mixtral_jax` stays light.
-_MODE_MODULES = ("mixtral_jax.train", "mixtral_jax.inference", "mixtral_jax.train_plan",
-                 "mixtral_jax.evaluate")
+_MODE_MODULES = ("mixtral_jax.training.train", "mixtral_jax.inference.generate", "mixtral_jax.training.plan",
+                 "mixtral_jax.inference.evaluate")
 
 
 def load_modes() -> Registry:

@@ -37,7 +37,7 @@ def hf_model(cfg: ModelConfig, seed: int = 0, router_scale: float = 20.0):
   """
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from mixtral_jax.params import config_to_hf
+  from mixtral_jax.checkpoints.params import config_to_hf
   torch.manual_seed(seed)
   hf_cfg = transformers.MixtralConfig(**config_to_hf(cfg), attn_implementation="eager",
                                      experts_implementation="eager")
@@ -65,6 +65,6 @@ def hf_logits(model, tokens, attention_mask=None) -> np.ndarray:
 
 def ours_from_hf(cfg: ModelConfig, model):
   from mixtral_jax.model import from_params
-  from mixtral_jax.params import from_hf
+  from mixtral_jax.checkpoints.params import from_hf
   state = hf_state(model)
   return from_params(cfg, from_hf(state.__getitem__, list(state), cfg))

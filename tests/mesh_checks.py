@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mixtral_jax import sharding  # noqa: E402
+from mixtral_jax.parallel import placement, sharding  # noqa: E402
 from mixtral_jax.config import ModelConfig  # noqa: E402
 from mixtral_jax.execution import Execution  # noqa: E402
 from mixtral_jax.model import build, from_params, params_of  # noqa: E402
@@ -139,7 +139,7 @@ def check_restore():
     ckpt.wait_until_finished()
     load_cfg = sharding.mesh_config_from(dict(fsdp=4, tensor=2))
     load_mesh = sharding.make_mesh(load_cfg)
-    target = sharding.abstract_state(CFG, load_mesh, load_cfg.rules_dict)
+    target = placement.abstract_state(CFG, load_mesh, load_cfg.rules_dict)
     restored = ckpt.restore(path, target)
     w1 = restored["layers"]["moe"]["w1"]
     out["spec_saved"] = str(model.layers.moe.w1[...].sharding.spec)
@@ -148,7 +148,7 @@ def check_restore():
     out["max_abs_diff"] = max(float(np.abs(np.asarray(a) - b).max())
                               for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)))
     one = sharding.make_mesh(dict(fsdp=1), devices=jax.devices()[:1])
-    single = ckpt.restore(path, sharding.abstract_state(CFG, one, load_cfg.rules_dict))
+    single = ckpt.restore(path, placement.abstract_state(CFG, one, load_cfg.rules_dict))
     out["single_max_abs_diff"] = max(float(np.abs(np.asarray(a) - b).max())
                                      for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(params)))
     # The restored tree runs: the model on the new mesh gives the same loss as on one device.
@@ -157,7 +157,7 @@ def check_restore():
     out["loss_err"] = abs(loss_only(moved, tokens(), load_mesh, load_cfg.rules_dict) - ref_loss)
     # checkpoint.save_model of the sharded model (Orbax writes shard by shard), then load_model straight onto
     # the other mesh: each device reads only its slices, nothing is assembled on one device first.
-    from mixtral_jax import checkpoint
+    from mixtral_jax.checkpoints import store as checkpoint
     checkpoint.save_model(os.path.join(tmp, "model"), model)
     on_load_mesh = lambda s: sharding.state_shardings(s, load_mesh, load_cfg.rules_dict)  # noqa: E731
     loaded = checkpoint.load_model(os.path.join(tmp, "model"), shardings=on_load_mesh, execution=DENSE)
@@ -170,7 +170,7 @@ def check_restore():
     out["load_model_max_abs_diff"] = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(
         jax.tree.leaves(params_of(loaded)), jax.tree.leaves(params)))
     out["load_model_loss_err"] = abs(loss_only(loaded, tokens(), load_mesh, load_cfg.rules_dict) - ref_loss)
-  init = sharding.init_model(CFG, 0, save_mesh, save_cfg.rules_dict)
+  init = placement.init_model(CFG, 0, save_mesh, save_cfg.rules_dict)
   out["init_layout"] = init.execution.layout
   out["init_spec"] = str(init.layers.moe.w1[...].sharding.spec)
   out["init_max_abs_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
@@ -230,9 +230,9 @@ def check_train3():
 def check_layer():
   """The MoE layer alone: capacity drops per token shard, a skewed (all-to-one-device) dropless routing, and
   the ragged_all_to_all variant lowered (XLA:CPU cannot compile it; the CPU path emulates it)."""
-  from mixtral_jax import expert_parallel as ep
-  from mixtral_jax.dispatch import DISPATCHERS
-  from mixtral_jax.routers import topk_renormalized
+  from mixtral_jax.parallel import expert_parallel as ep
+  from mixtral_jax.moe.dispatch import DISPATCHERS
+  from mixtral_jax.moe.routers import topk_renormalized
   n, d, f, e, k = 96, 16, 10, 8, 2
   keys = jax.random.split(jax.random.key(0), 5)
   x = jax.random.normal(keys[0], (n, d))
@@ -296,7 +296,7 @@ def check_train():
   """The trainer with configs/expert_sharded.py (expert=8, ep_dropless) for 4 steps, then resumed from its
   step-4 checkpoint on a different mesh (fsdp=4 x tensor=2) for 2 more."""
   from configs import expert_sharded
-  from mixtral_jax import train
+  from mixtral_jax.training import train
   words = "the quick brown fox jumps over the lazy dog while experts route every token".split()
   rng = np.random.default_rng(0)
   with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""mixtral_jax.checkpoint: save_model / load_model round trips (either layout, always the canonical stacked
+"""mixtral_jax.checkpoints.store: save_model / load_model round trips (either layout, always the canonical stacked
 tree on disk, no execution fields in the stored config, older configs that still carry them), dtype casts
 while reading, restore onto given shardings (including a 4-device mesh, in a subprocess), and errors naming
 the file or parameter."""
@@ -14,10 +14,10 @@ import pytest
 from flax import nnx
 
 from conftest import FAST_COMPILE, tiny_config
-from mixtral_jax import checkpoint
+from mixtral_jax.checkpoints import store as checkpoint
 from mixtral_jax import config as config_lib
 from mixtral_jax.execution import Execution, resolve
-from mixtral_jax.formats import CheckpointError
+from mixtral_jax.checkpoints.formats import CheckpointError
 from mixtral_jax.model import abstract_params, from_params, params_of, with_execution
 
 UNSTACKED = Execution(layout="unstacked")
@@ -164,7 +164,7 @@ _MESH_SCRIPT = """
 import jax, numpy as np, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax import nnx
-from mixtral_jax import checkpoint
+from mixtral_jax.checkpoints import store as checkpoint
 mesh = Mesh(np.array(jax.devices()), ("expert",))
 
 def shardings(state):
@@ -202,7 +202,7 @@ def test_load_errors_name_the_problem(saved, tmp_path):
     checkpoint.load_model(tmp_path / "missing")
   (tmp_path / "plain").mkdir()
   with pytest.raises(CheckpointError, match="plain holds no checkpoint"):
-    checkpoint.load_model(tmp_path / "plain")  # load_model reads every kind (mixtral_jax.loading)
+    checkpoint.load_model(tmp_path / "plain")  # load_model reads every kind (mixtral_jax.checkpoints.loading)
   with pytest.raises(CheckpointError, match="not a mixtral_jax checkpoint"):
     checkpoint.load_metadata(tmp_path / "plain")
   shape_error = r"parameter layers\.moe\.\S+ is stored with shape \(2, \S+ 36\), the config implies \(2, \S+ 38\)"

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import hf_logits, hf_model, rel_err, tiny_config
-from mixtral_jax import checkpoint, convert, params
+from mixtral_jax import convert
+from mixtral_jax.checkpoints import store as checkpoint
+from mixtral_jax.checkpoints import params
 from mixtral_jax.model import params_of
 
 torch = pytest.importorskip("torch")
@@ -315,7 +317,7 @@ def test_existing_dst_kept_without_overwrite_replaced_with_it(hf_models, tmp_pat
 
 def test_failure_mid_write_leaves_old_dst_intact(hf_models, tmp_path, capsys, monkeypatch):
   """A read failing after validation (the disk, not the input) still leaves no partial output."""
-  from mixtral_jax import formats
+  from mixtral_jax.checkpoints import formats
   src = write_layout(hf_models["base"], "legacy", tmp_path)
   dst = tmp_path / "ckpt"
   assert run([src, dst], capsys)[0] == 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mixtral_jax import data
+from mixtral_jax.training import data
 from mixtral_jax.model import build
 
 TOK = data.ByteTokenizer()

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import rel_err, tiny_config
-from mixtral_jax.dispatch import all_dispatchers, expert_capacity, run_rows, slot_ranks
-from mixtral_jax.dispatch_decode import ExpertList
+from mixtral_jax.moe.dispatch import all_dispatchers, expert_capacity, run_rows, slot_ranks
+from mixtral_jax.moe.dispatch_decode import ExpertList
 from mixtral_jax.execution import Execution
-from mixtral_jax.grouped import block_layout, default_block_size, take_rows
+from mixtral_jax.moe.grouped import block_layout, default_block_size, take_rows
 from mixtral_jax.model import build, with_execution
-from mixtral_jax.routers import ROUTERS, RouterOutput, topk_gates
+from mixtral_jax.moe.routers import ROUTERS, RouterOutput, topk_gates
 
 N, D, F, E = 29, 12, 18, 5
 TOL = 1e-5  # float32; strategies differ only in summation order (observed ~3e-7)

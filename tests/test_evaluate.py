@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mixtral_jax import evaluate
+from mixtral_jax.inference import evaluate
 from mixtral_jax.model import build
 
 
@@ -35,9 +35,10 @@ def test_batched_continuation_logprobs_equal_unbatched():
   reqs = [evaluate.Choice(rng.integers(1, cfg.vocab_size, n).tolist(), rng.integers(1, cfg.vocab_size, m).tolist())
           for n, m in [(3, 2), (7, 1), (2, 5), (5, 3), (4, 4)]]
   batched = evaluate.continuation_logprobs(model, reqs, batch_size=3)
+  forward = jax.jit(lambda m, s: jax.nn.log_softmax(m(s).logits[0], axis=-1))
   for r, got in zip(reqs, batched):
     seq = jnp.asarray([list(r.context) + list(r.continuation)], jnp.int32)
-    logp = jax.nn.log_softmax(model(seq).logits[0], axis=-1)
+    logp = forward(model, seq)
     n = len(r.context)
     want = sum(float(logp[n - 1 + i, t]) for i, t in enumerate(r.continuation))
     assert got == pytest.approx(want, rel=1e-5)

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import rel_err, tiny_config
-from mixtral_jax import checkpoint, dispatch, execution, loading, model as model_lib, sampling
+from mixtral_jax import execution, model as model_lib
+from mixtral_jax.checkpoints import store as checkpoint
+from mixtral_jax.moe import dispatch
+from mixtral_jax.checkpoints import loading
+from mixtral_jax.inference import sampling
 from mixtral_jax.config import MOVED_TO_RUN, ConfigError, model_config_from
 from mixtral_jax.execution import Execution, execution_from, resolve
 
@@ -112,8 +116,8 @@ def _spy_config(base_config, path=""):
 
 def test_generate_and_eval_modes_trace_the_configured_strategies(tmp_path, capsys):
   from configs import eval as eval_config, generate as generate_config
-  from mixtral_jax.evaluate import eval_mode
-  from mixtral_jax.inference import generate_mode
+  from mixtral_jax.inference.evaluate import eval_mode
+  from mixtral_jax.inference.generate import generate_mode
   cfg = tiny_config(vocab_size=32000, num_layers=2)
   path = tmp_path / "ckpt"
   checkpoint.save_model(path, model_lib.build(cfg, 0))
@@ -135,7 +139,7 @@ def test_generate_and_eval_modes_trace_the_configured_strategies(tmp_path, capsy
 
 def test_train_mode_traces_the_training_strategy(tmp_path):
   from test_train import tiny_train_config
-  from mixtral_jax import train
+  from mixtral_jax.training import train
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   (corpus / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n\n" * 60)
@@ -153,7 +157,8 @@ def _kinds(tmp_path, cfg):
   """One directory of every kind loading.py reads, all holding the same weights (quantized: q8 of them)."""
   import torch  # noqa: F401  (the HF / Mistral writers are the oracle's own)
   from conftest import hf_model, ours_from_hf
-  from mixtral_jax import convert, quant
+  from mixtral_jax import convert
+  from mixtral_jax.inference import quant
   hf = hf_model(cfg)
   hf.save_pretrained(tmp_path / "hf")
   ours = ours_from_hf(cfg, hf)
@@ -164,10 +169,11 @@ def _kinds(tmp_path, cfg):
   return ours, dirs
 
 
+@pytest.mark.slow
 def test_every_checkpoint_kind_loads_for_inference_and_fine_tuning(tmp_path):
   from configs import eval as eval_config
-  from mixtral_jax.inference import load_for_inference
-  from mixtral_jax.train_checkpoints import load_pretrained
+  from mixtral_jax.inference.generate import load_for_inference
+  from mixtral_jax.training.run_checkpoints import load_pretrained
   cfg = tiny_config()
   ours, dirs = _kinds(tmp_path, cfg)
   x = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)

@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 
 from conftest import hf_model, ours_from_hf, rel_err, tiny_config
-from mixtral_jax import dispatch, dispatch_decode, quant, sampling  # noqa: F401 -- registers dispatchers
+from mixtral_jax.moe import dispatch
+from mixtral_jax.moe import dispatch_decode
+from mixtral_jax.inference import quant
+from mixtral_jax.inference import sampling  # noqa: F401 -- registers dispatchers
 from mixtral_jax.config import ConfigError
 from mixtral_jax.execution import Execution, backend_defaults
 from mixtral_jax.model import build, params_of, with_execution
-from mixtral_jax.routers import topk_renormalized
+from mixtral_jax.moe.routers import topk_renormalized
 
 DENSE_STACKED = Execution.everywhere("dense", layout="stacked")  # the reference: every expert, scanned layers
 FAST = Execution(layout="unstacked")  # per-layer, per-expert buffers; CPU's default sparse dispatch per phase
@@ -100,7 +103,8 @@ def test_hf_directory_loads_like_the_converter_and_bad_files_are_one_line(tmp_pa
   """config.checkpoint=HF dir: the same parameters, bit for bit, as the in-memory HF mapping; a
   truncated shard is a one-line error naming the file."""
   from configs import generate
-  from mixtral_jax import inference, loading
+  from mixtral_jax.inference import generate as inference
+  from mixtral_jax.checkpoints import loading
   cfg = tiny_config(num_layers=2)
   hf = hf_model(cfg, seed=2)
   hf.save_pretrained(tmp_path / "fused", save_original_format=False)
@@ -121,7 +125,7 @@ def test_hf_directory_loads_like_the_converter_and_bad_files_are_one_line(tmp_pa
 def test_plan_mode_8x7b():
   from configs import mixtral_8x7b
   from mixtral_jax.config import model_config_from
-  from mixtral_jax.planner import plan
+  from mixtral_jax.inference.planner import plan
   cfg = model_config_from(mixtral_8x7b.get_config().model)
   bf16 = plan(cfg, batch=1, context=4096, chunk=2048)
   assert round(bf16["weights"] / 1e9, 1) == 93.4  # 46.7B parameters x 2 bytes
@@ -133,6 +137,7 @@ def test_plan_mode_8x7b():
   assert out.returncode == 0 and "46.70B parameters" in out.stdout and "141GB (H200)" in out.stdout
 
 
+@pytest.mark.slow
 def test_gpu_bench_dry_run(tmp_path):
   out = tmp_path / "gpu.json"
   proc = subprocess.run([sys.executable, "experiments/gpu_bench.py", "--dry_run", "--repeats=1", f"--out={out}"],
@@ -146,6 +151,7 @@ def test_gpu_bench_dry_run(tmp_path):
   assert 0 < result["benches"]["train_slice"]["mfu"] < 1
 
 
+@pytest.mark.slow
 def test_bench_inference_quick(tmp_path):
   """The CPU benchmark end to end at tiny sizes (HF on the same converted weights): every row has both
   sides, the ratio, and a floor; the batch-1 row also its expert-sized matvec floor."""

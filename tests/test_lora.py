@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mixtral_jax import lora, train, train_step
+from mixtral_jax.training import lora
+from mixtral_jax.training import train
+from mixtral_jax.training import step as train_step
 from mixtral_jax.model import STACKED, build, from_params, params_of
-from mixtral_jax import checkpoint
-from mixtral_jax.train_checkpoints import load_pretrained
+from mixtral_jax.checkpoints import store as checkpoint
+from mixtral_jax.training.run_checkpoints import load_pretrained
 from test_train import corpus, restore_state, tiny_train_config  # noqa: F401 -- corpus is a fixture
 
 

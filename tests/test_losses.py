@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mixtral_jax.losses import LOSSES, cv_squared, load_balancing, seq_aux
-from mixtral_jax.routers import RouterOutput, topk_gates
+from mixtral_jax.moe.losses import LOSSES, cv_squared, load_balancing, seq_aux
+from mixtral_jax.moe.routers import RouterOutput, topk_gates
 
 L, B, T = 3, 2, 11
 

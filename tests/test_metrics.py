@@ -6,10 +6,10 @@ import pytest
 
 from conftest import tiny_config
 from mixtral_jax.execution import Execution
-from mixtral_jax.losses import z_loss
-from mixtral_jax.metrics import expert_load, moe_metrics
+from mixtral_jax.moe.losses import z_loss
+from mixtral_jax.moe.metrics import expert_load, moe_metrics
 from mixtral_jax.model import build
-from mixtral_jax.routers import RouterOutput
+from mixtral_jax.moe.routers import RouterOutput
 
 
 def route(experts, probs=None, weights=None, num_experts=4):

@@ -13,7 +13,7 @@ from flax import nnx
 from conftest import rel_err, tiny_config
 from mixtral_jax.config import ConfigError, ModelConfig, model_config_from
 from mixtral_jax.execution import Execution, execution_from
-from mixtral_jax.model import (KVCache, Mixtral, _to_canonical, active_param_count, build, param_count, params_of,
+from mixtral_jax.model import (KVCache, Mixtral, to_canonical, active_param_count, build, param_count, params_of,
                                with_execution)
 
 
@@ -176,7 +176,7 @@ def remat_loss_and_grad(run: Execution):
     return jnp.mean(m(tokens).logits ** 2)
   value, grads = nnx.jit(nnx.value_and_grad(loss))(model)  # remat policies are what jit compiles: test them there
   # An unstacked model's gradient is per layer (and per expert): compare in the canonical stacked tree.
-  return value, _to_canonical(nnx.to_pure_dict(grads), model.execution.layout)
+  return value, to_canonical(nnx.to_pure_dict(grads), model.execution.layout)
 
 
 @pytest.mark.parametrize("changes", [dict(remat="full"), dict(remat="dots"), dict(layout="unstacked"),
@@ -210,7 +210,7 @@ def test_param_dtype_policy():
 
 
 def test_import_does_not_pull_torch():
-  code = "import sys, mixtral_jax, mixtral_jax.model, mixtral_jax.params; assert 'torch' not in sys.modules"
+  code = "import sys, mixtral_jax, mixtral_jax.model, mixtral_jax.checkpoints.params; assert 'torch' not in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -244,7 +244,7 @@ def _reference_attention(q, k, v, mask):
 def test_block_causal_attention_is_exact(block, window):
   """Packed documents, a sliding window, blocks that do and do not divide T: the blocked self-attention
   equals attention over every key with the full mask."""
-  from mixtral_jax import layers
+  from mixtral_jax.model import layers
   rng = np.random.default_rng(block)
   b, t, h, kv, dh = 2, 11, 6, 2, 8
   q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in

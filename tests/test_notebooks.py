@@ -7,9 +7,13 @@ import pathlib
 import pytest
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+# The fast suite runs the notebook of the README's main path (load -> fine-tune -> generate); the tour
+# and the routing lab run with -m slow.
+FAST = {"03_finetune_and_generate.ipynb"}
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p if p.name in FAST else pytest.param(p, marks=pytest.mark.slow)
+                                  for p in NOTEBOOKS], ids=lambda p: p.name)
 def test_notebook_executes(path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   nbclient = pytest.importorskip("nbclient")

@@ -1,4 +1,4 @@
-"""The fused AdamW (mixtral_jax/optim.py) against optax's own chain of the same transformations."""
+"""The fused AdamW (mixtral_jax/training/optim.py) against optax's own chain of the same transformations."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from mixtral_jax import optim
+from mixtral_jax.training import optim
 
 
 def _params(seed=0):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err, tiny_config
-from mixtral_jax import quant
+from mixtral_jax.inference import quant
 from mixtral_jax.execution import Execution
 from mixtral_jax.model import build, params_of
 
@@ -84,7 +84,8 @@ def test_quantized_checkpoint_round_trip(tmp_path):
   loaded = quant.load_quantized(str(tmp_path / "q5"))
   assert loaded.quant == "q5" and loaded.config == cfg and loaded.execution == qm.execution
   tokens = jnp.asarray([[1, 4, 2, 8]], jnp.int32)
-  np.testing.assert_array_equal(loaded(tokens).logits, qm(tokens).logits)
+  forward = jax.jit(lambda m, t: m(t).logits)
+  np.testing.assert_array_equal(forward(loaded, tokens), forward(qm, tokens))
   with pytest.raises(quant.QuantError, match="is not a quantized checkpoint"):
     quant.load_quantized(str(tmp_path))
 
@@ -94,12 +95,13 @@ def test_unknown_level_is_an_error():
     quant.quantize(jnp.ones((8, 8)), "q7", 2, 1)
 
 
+@pytest.mark.slow
 def test_quant_table_reports_bytes_and_perplexity_per_level(tmp_path):
   """experiments/quant_table.py on a saved checkpoint and a text file: one row per level, float32 first,
   fewer bytes at every lower level, and perplexity from the same held-out windows (q8 within 1%)."""
   import json
   from experiments import quant_table
-  from mixtral_jax.checkpoint import save_model
+  from mixtral_jax.checkpoints.store import save_model
   cfg = tiny_config(vocab_size=32000, dim=32, num_heads=2, num_kv_heads=1, head_dim=16, ffn_dim=64,
                     num_layers=1, max_positions=64)
   save_model(str(tmp_path / "ckpt"), build(cfg, seed=4))

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mixtral_jax import reporting
+from mixtral_jax.training import reporting
 
 
 class FakeWandb(types.ModuleType):

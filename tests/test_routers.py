@@ -11,8 +11,8 @@ from conftest import tiny_config
 from mixtral_jax.config import ConfigError
 from mixtral_jax.execution import Execution
 from mixtral_jax.model import STACKED, KVCache, build, from_params, params_of, state_of
-from mixtral_jax.routers import ROUTERS, RouterOutput, sinkhorn_log, topk_gates
-from mixtral_jax.routers_extra import RouterBias, aux_free_bias_update, hash_experts, update_aux_free_bias
+from mixtral_jax.moe.routers import ROUTERS, RouterOutput, sinkhorn_log, topk_gates
+from mixtral_jax.moe.routers_extra import RouterBias, aux_free_bias_update, hash_experts, update_aux_free_bias
 
 D, E, N = 11, 7, 13  # distinct odd sizes
 SUM_TO_ONE = {"mixtral_topk", "noisy_topk", "hash", "aux_free_bias"}  # routers that promise it
@@ -289,7 +289,7 @@ def test_model_trains_with_router(name, dispatch):
 def test_update_aux_free_bias_is_per_layer_in_every_layout():
   """The in-place helper gives each layer its own routing, stacked ([L, E] bias) or unstacked ([E] each)."""
   from mixtral_jax.model import STACKED, build, state_of
-  from mixtral_jax.routers_extra import update_aux_free_bias
+  from mixtral_jax.moe.routers_extra import update_aux_free_bias
   cfg = tiny_config(router="aux_free_bias", router_options=(("bias_rate", 0.25),))
   tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, cfg.vocab_size)
   biases = []

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import hf_model, ours_from_hf, tiny_config
-from mixtral_jax import sampling
+from mixtral_jax.inference import sampling
 from mixtral_jax.model import build
 
 HF_CONFIGS = {

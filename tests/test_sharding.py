@@ -17,12 +17,12 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from conftest import FAST_COMPILE, rel_err, tiny_config
-from mixtral_jax import expert_parallel as ep
-from mixtral_jax import sharding
+from mixtral_jax.parallel import expert_parallel as ep
+from mixtral_jax.parallel import sharding
 from mixtral_jax.config import ConfigError
-from mixtral_jax.dispatch import DISPATCHERS
+from mixtral_jax.moe.dispatch import DISPATCHERS
 from mixtral_jax.model import STACKED, abstract_model
-from mixtral_jax.routers import topk_renormalized
+from mixtral_jax.moe.routers import topk_renormalized
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 MESH_ENV = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -216,7 +216,7 @@ def test_plan_train_8x7b_on_h100_and_h200():
   from configs import plan_train
   from mixtral_jax.config import model_config_from
   from mixtral_jax.execution import execution_from
-  from mixtral_jax.train_plan import GiB, plan
+  from mixtral_jax.training.plan import GiB, plan
   config = plan_train.get_config()
   cfg, mesh_cfg = model_config_from(config.model), sharding.mesh_config_from(config.mesh)
   run = execution_from(config.run)  # remat=full, ep_capacity; computes in the parameters' bfloat16

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mixtral_jax.tokenizer import Tokenizer
+from mixtral_jax.inference.tokenizer import Tokenizer
 
 TEXTS = ["Hello, world!", "  leading spaces and\ttabs\nnewlines", "Grüße aus Köln — ½ € ∑",
          "你好，世界", "emoji 🤖🧪 and a rare CJK char 𠀋", "", "a" * 50, "العربية עברית ελληνικά"]

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mixtral_jax import optim, train, train_step
-from mixtral_jax.routers import ROUTERS, MixtralTopK
-from mixtral_jax.train_checkpoints import load_pretrained
+from mixtral_jax.training import optim
+from mixtral_jax.training import train
+from mixtral_jax.training import step as train_step
+from mixtral_jax.moe.routers import ROUTERS, MixtralTopK
+from mixtral_jax.training.run_checkpoints import load_pretrained
 
 WORDS = ("the quick brown fox jumps over the lazy dog while seven experts route every token to two of "
          "them and the router learns which expert knows what").split()
@@ -50,7 +52,7 @@ def _step_fn(config):
   setup = train_step.build_setup(config)
   trainable = setup.base
   if setup.lora:
-    from mixtral_jax import lora
+    from mixtral_jax.training import lora
     trainable = lora.init(setup.base, rank=setup.lora["rank"], targets=setup.lora["targets"],
                           key=jax.random.PRNGKey(1))
   opt, schedule = optim.make_optimizer(config.train, trainable, num_experts=setup.cfg.num_experts)
@@ -80,7 +82,7 @@ class CountingRouter(MixtralTopK):
 
   @staticmethod
   def update_state(state, *, router, mask, step):
-    from mixtral_jax.metrics import expert_load
+    from mixtral_jax.moe.metrics import expert_load
     return {**state, "seen": state["seen"] + expert_load(router, mask)}
 
 
@@ -143,7 +145,7 @@ def test_weight_decay_mask_and_schedules(corpus):
 def test_freezing_router_and_experts_and_the_aux_free_bias_update(corpus):
   """Frozen router and experts 0, 3 stay bit-identical (AdamW decay included); aux_free_bias's bias (model
   state, not a parameter) moves by bias_rate * sign(mean load - load) each step, outside the gradient."""
-  from mixtral_jax.routers_extra import aux_free_bias_update
+  from mixtral_jax.moe.routers_extra import aux_free_bias_update
   config = tiny_train_config(corpus, freeze_router=True, freeze_experts="0,3")
   config.model.router = "aux_free_bias"
   config.model.router_options = {"bias_rate": 0.01}

@@ -45,7 +45,7 @@ def routing_counts(model, docs, num_experts: int, seq_len: int):
   routes as it would alone, and the padding after it is not counted)."""
   import jax
   import jax.numpy as jnp
-  from mixtral_jax.data import ByteTokenizer
+  from mixtral_jax.training.data import ByteTokenizer
   tok = ByteTokenizer()
   ids = [tok.encode(text, bos=False)[:seq_len] for _, text in docs]
   tokens = np.zeros((len(docs), seq_len), np.int32)  # [N, T]
@@ -124,8 +124,8 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "expert_specialization"))
   args = parser.parse_args(argv)
-  from mixtral_jax.checkpoint import load_model
-  from mixtral_jax.train import train_and_evaluate
+  from mixtral_jax.checkpoints.store import load_model
+  from mixtral_jax.training.train import train_and_evaluate
   steps, per_task = (4, 20) if args.quick else (args.steps, 400)
   os.makedirs(args.out, exist_ok=True)
   workdir = os.path.join(args.out, "run")

@@ -134,7 +134,7 @@ def main(argv=None):
   parser.add_argument("--arms", default="", help="comma-separated subset of arms.py")
   parser.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "routing_ablation"))
   args = parser.parse_args(argv)
-  from mixtral_jax.train import train_and_evaluate
+  from mixtral_jax.training.train import train_and_evaluate
   names = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else ARMS)
   steps = 4 if args.quick else args.steps
   seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]

@@ -31,7 +31,7 @@ import functools
 import json
 import math
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp

@@ -48,7 +48,7 @@ class ByteTokenizer:
   vocab_size, pad_id, bos_id, eos_id = 259, 0, 1, 2
 
   def encode(self, text: str, *, bos: bool = True, eos: bool = False) -> list[int]:
-    """The same signature as mixtral_jax.tokenizer.Tokenizer.encode."""
+    """The same signature as mixtral_jax.inference.tokenizer.Tokenizer.encode."""
     ids = [b + 3 for b in text.encode("utf-8")]
     return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -60,11 +60,11 @@ class ByteTokenizer:
 def load_tokenizer(name: str):
   """'mixtral' | 'bytes' | a path to a SentencePiece .model file.
 
-  SentencePiece files load through mixtral_jax.tokenizer.Tokenizer (the same class generation uses).
+  SentencePiece files load through mixtral_jax.inference.tokenizer.Tokenizer (the same class generation uses).
   """
   if name == "bytes":
     return ByteTokenizer()
-  from mixtral_jax.tokenizer import Tokenizer, default_path
+  from mixtral_jax.inference.tokenizer import Tokenizer, default_path
   path = default_path() if name == "mixtral" else name
   if not os.path.isfile(path):
     raise DataError(f"config.data.tokenizer: tokenizer file not found: {path}")

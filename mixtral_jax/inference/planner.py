@@ -20,7 +20,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.quant import LEVELS, QuantError, bits_per_weight
+from mixtral_jax.inference.quant import LEVELS, QuantError, bits_per_weight
 
 DEVICES_GB = {"24GB (RTX 4090 / L4)": 24, "48GB (L40S / A6000)": 48, "80GB (A100 / H100)": 80,
               "141GB (H200)": 141}

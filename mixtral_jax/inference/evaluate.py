@@ -107,7 +107,7 @@ def score_multiple_choice(model, items: Sequence[Mapping], encode: Callable[[str
 
 
 def perplexity(model, batches: Iterable[Mapping]) -> dict:
-  """Packed batches {tokens, targets, loss_mask [B, T], optional positions, segment_ids} (mixtral_jax.data's
+  """Packed batches {tokens, targets, loss_mask [B, T], optional positions, segment_ids} (mixtral_jax.training.data's
   layout) -> token-weighted mean NLL of the targets and its exp."""
   @jax.jit
   def nll(m, batch):
@@ -139,7 +139,7 @@ def perplexity(model, batches: Iterable[Mapping]) -> dict:
 def read_choice_items(path: str) -> list:
   """JSONL of {"context": str, "choices": [str, ...], "gold": int}; errors name the file and line."""
   from mixtral_jax.config import ConfigError
-  from mixtral_jax.data import jsonl_records
+  from mixtral_jax.training.data import jsonl_records
   if not os.path.isfile(path):
     raise ConfigError(f"config.eval.data: file not found: {path}")
   items = []
@@ -159,8 +159,8 @@ def read_choice_items(path: str) -> list:
 @MODES.register("eval")
 def eval_mode(config, workdir):
   """Perplexity on text/JSONL, or multiple-choice log-likelihood scoring; results to WORKDIR/eval.json."""
-  from mixtral_jax import data
-  from mixtral_jax.inference import load_for_inference
+  from mixtral_jax.training import data
+  from mixtral_jax.inference.generate import load_for_inference
   e = config.eval
   tokenizer = data.load_tokenizer(config.data.tokenizer)
   if e.task not in ("perplexity", "multiple_choice"):

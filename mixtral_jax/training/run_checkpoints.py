@@ -11,7 +11,6 @@ mid-save leaves the previous checkpoint as the latest one.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 from typing import Any, Optional
@@ -20,9 +19,8 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from mixtral_jax.config import ConfigError, ModelConfig, from_dict, model_config_from
+from mixtral_jax.config import ConfigError, ModelConfig, from_dict
 
 
 def _handlers(**extra):
@@ -115,12 +113,12 @@ def load_trainer_checkpoint(workdir: str):
 
 def load_pretrained(path: str, *, dtype: Optional[str] = "float32"):
   """(ModelConfig, params pure dict) of the weights to fine-tune, through the one loader
-  (mixtral_jax.loading: a converted or quantized checkpoint, a workdir of this trainer, an HF directory
+  (mixtral_jax.checkpoints.loading: a converted or quantized checkpoint, a workdir of this trainer, an HF directory
   or a Mistral release). `dtype` casts while reading (None keeps the stored dtype); quantized weights are
   dequantized (fine-tuning updates float weights)."""
-  from mixtral_jax import loading
-  from mixtral_jax.formats import CheckpointError
-  from mixtral_jax.quant import QTensor
+  from mixtral_jax.checkpoints import loading
+  from mixtral_jax.checkpoints.formats import CheckpointError
+  from mixtral_jax.inference.quant import QTensor
   try:
     cfg, state, quant = loading.read(path, dtype)
   except CheckpointError as e:
@@ -146,7 +144,8 @@ def export(cfg: ModelConfig, params, directory: str, *, hf: bool = False) -> dic
   """Saves `params` (LoRA: already merged) as a mixtral_jax checkpoint at DIRECTORY/export, which
   `load_model` and `--config.checkpoint` read; with hf, also converts it to an HF directory DIRECTORY/hf
   (`python -m mixtral_jax.convert --to-hf` does the same later)."""
-  from mixtral_jax import checkpoint, convert
+  from mixtral_jax import convert
+  from mixtral_jax.checkpoints import store as checkpoint
   out = {"export": str(checkpoint.save_model(os.path.join(directory, "export"), jax.device_get(params), cfg,
                                              overwrite=True))}
   if hf:

@@ -15,7 +15,7 @@ Adding a router is one decorated class (and one test in tests/test_routers.py):
         return topk_gates(self.logits(x), self.top_k, renormalize=True)
 
 Token-dropping (expert_choice, hash) and state-carrying (aux_free_bias) routers live in
-mixtral_jax/routers_extra.py, imported at the bottom of this module so that they are always registered.
+mixtral_jax/moe/routers_extra.py; `import mixtral_jax.moe` (the package) registers both.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from mixtral_jax.layers import normal_param
+from mixtral_jax.model.layers import normal_param
 from mixtral_jax.registry import Registry
 
 ROUTERS = Registry("router")
@@ -285,7 +285,3 @@ def require_causal(router: str) -> None:
     raise ValueError(f"config.model.router={router!r} is not causal (a token's experts depend on later "
                      f"tokens of the batch), so it cannot decode autoregressively with a KV cache; "
                      f"use a token-choice router such as 'mixtral_topk'")
-
-
-# Registers expert_choice, hash and aux_free_bias (kept in their own module for size).
-from mixtral_jax import routers_extra  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -5,7 +5,7 @@ maps each logical name to mesh axes. The mesh has four named axes, outermost fir
 
   data    pure data parallelism: parameters replicated, batch split
   fsdp    batch split, and every weight's `embed` axis (XLA gathers a layer's weights just in time)
-  expert  expert weights split on `expert`, tokens travel to them (mixtral_jax.expert_parallel); also
+  expert  expert weights split on `expert`, tokens travel to them (mixtral_jax.parallel.expert_parallel); also
           splits the batch and the other weights' `embed` (an expert weight's `expert` takes it first)
   tensor  attention heads, the expert FFN width and the vocabulary split (Megatron-style)
 
@@ -157,7 +157,7 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], rules: Mapping[str, t
   return P(*spec)
 
 
-def _flat_variables(model_or_state):
+def flat_variables(model_or_state):
   state = nnx.state(model_or_state) if isinstance(model_or_state, nnx.Module) else model_or_state
   return state.flat_state()
 
@@ -186,26 +186,16 @@ def _unflatten(items: dict) -> dict:
 
 def logical_axes_tree(model_or_state) -> dict:
   """Pure dict (shaped like nnx.to_pure_dict(nnx.state(model))) of logical-axes tuples."""
-  return _unflatten({path: variable_logical_axes(path, v) for path, v in _flat_variables(model_or_state)})
+  return _unflatten({path: variable_logical_axes(path, v) for path, v in flat_variables(model_or_state)})
 
 
 def state_shardings(model_or_state, mesh: Mesh, rules: Mapping[str, tuple]) -> dict:
   """Pure dict of NamedShardings for every variable of a model (concrete or from nnx.eval_shape)."""
   out = {}
-  for path, v in _flat_variables(model_or_state):
+  for path, v in flat_variables(model_or_state):
     spec = logical_to_spec(variable_logical_axes(path, v), rules, mesh, v.shape)
     out[path] = NamedSharding(mesh, spec)
   return _unflatten(out)
-
-
-def abstract_state(config, mesh: Mesh, rules: Mapping[str, tuple]) -> dict:
-  """Pure dict of jax.ShapeDtypeStruct(shape, dtype, sharding) for a Mixtral with `config`: the restore
-  target for Orbax onto `mesh`, and the input of the memory planner. Allocates nothing."""
-  from mixtral_jax.model import STACKED, abstract_model
-  abstract = abstract_model(config, STACKED)
-  shardings = state_shardings(abstract, mesh, rules)
-  shapes = nnx.to_pure_dict(nnx.state(abstract))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, tuple]) -> nnx.Module:
@@ -217,18 +207,6 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, tuple]) -> nn
   return model
 
 
-def init_model(config, seed: int, mesh: Mesh, rules: Mapping[str, tuple], execution=None):
-  """`model.build(config, seed)`'s weights created directly in their sharded layout (the same program
-  with sharded outputs: each device computes only its shards), so an 8x7B never exists whole on one
-  device. The layout is the stacked one (what the rules split)."""
-  from mixtral_jax.execution import Execution
-  from mixtral_jax.model import abstract_model, init_state, with_state
-  run = (execution or Execution()).replace(layout="stacked")
-  skeleton = abstract_model(config, run)
-  values = init_state(config, seed, out_shardings=state_shardings(skeleton, mesh, rules))
-  return with_state(skeleton, values)
-
-
 def mesh_from_config(config) -> tuple:
   """(mesh, rules) for `config.mesh` over every device of every process; (None, None) on a single device,
   where there is nothing to split and runs stay exactly as they were."""
@@ -238,36 +216,13 @@ def mesh_from_config(config) -> tuple:
   return make_mesh(mesh_cfg), mesh_cfg.rules_dict
 
 
-def _put(x, target: NamedSharding):
+def put(x, target: NamedSharding):
   """device_put that also works across processes (each process fills the shards its devices hold from
   its own identical copy)."""
   if jax.process_count() == 1:
     return jax.device_put(x, target)
   host = np.asarray(x)
   return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
-
-
-def place_tree(tree: Any, config, mesh: Mesh, rules: Mapping[str, tuple]):
-  """Puts any pytree built from a Mixtral's variables on `mesh`: parameters, optimizer state, a trainer's
-  state dict. A leaf takes the sharding of the model variable whose path its own dict-key path ends with
-  and whose shape it has (so AdamW's mu/nu follow their parameter); anything else (step counters, RNG
-  keys, LoRA adapters) is replicated."""
-  from mixtral_jax.model import STACKED, abstract_model
-  abstract = abstract_model(config, STACKED)
-  known = {path: (tuple(v.shape), NamedSharding(mesh, logical_to_spec(variable_logical_axes(path, v), rules,
-                                                                       mesh, v.shape)))
-           for path, v in _flat_variables(abstract)}
-  replicated = NamedSharding(mesh, P())
-
-  def target(path, leaf):
-    keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-    for start in range(len(keys)):
-      shape, named = known.get(keys[start:], (None, None))
-      if named is not None and shape == tuple(np.shape(leaf)):
-        return named
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(lambda path, leaf: _put(leaf, target(path, leaf)), tree)
 
 
 # --- activations --------------------------------------------------------------------------------------------

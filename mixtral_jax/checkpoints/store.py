@@ -45,8 +45,8 @@ from flax import nnx
 
 from mixtral_jax import config as config_lib
 from mixtral_jax.config import ModelConfig
-from mixtral_jax.formats import CheckpointError
-from mixtral_jax.sources import Streamed
+from mixtral_jax.checkpoints.formats import CheckpointError
+from mixtral_jax.checkpoints.sources import Streamed
 
 FORMAT, VERSION = "mixtral_jax", 1
 PARAMS, CONFIG = "params", "config"
@@ -224,7 +224,7 @@ def load_model(path, dtype: Optional[str] = "float32", shardings: Shardings = No
                execution=None, quant: Optional[str] = None, **config_overrides):
   """The Mixtral saved at `path`, ready to call, running the backend's fastest exact strategy.
 
-  path: a converted checkpoint (the converter or save_model), and, through mixtral_jax.loading, also a
+  path: a converted checkpoint (the converter or save_model), and, through mixtral_jax.checkpoints.loading, also a
     quantized checkpoint, a training workdir, an HF directory or a Mistral release.
   dtype: parameter dtype ("float32", "bfloat16", ...; None keeps the stored one); the cast happens while
     reading. The compute dtype follows it unless `execution.dtype` says otherwise.
@@ -236,7 +236,7 @@ def load_model(path, dtype: Optional[str] = "float32", shardings: Shardings = No
     or a callable taking the abstract nnx.State (Params carry `logical_axes` metadata) and returning
     one of those. With shardings the layout is the stacked one (what a mesh splits).
   """
-  from mixtral_jax import loading
+  from mixtral_jax.checkpoints import loading
   from mixtral_jax.execution import resolve
   from mixtral_jax.model import abstract_model, with_state
   if loading.kind_of(path) != "mixtral_jax":
@@ -250,7 +250,7 @@ def load_model(path, dtype: Optional[str] = "float32", shardings: Shardings = No
     execution = (execution or Execution()).replace(layout="stacked")
   model = with_state(abstract_model(cfg, resolve(execution, param_dtype=cfg.param_dtype)), state)
   if quant:
-    from mixtral_jax import quant as quant_lib
+    from mixtral_jax.inference import quant as quant_lib
     model = quant_lib.quantize_model(model, quant, consume=True)
   return model
 

@@ -1,6 +1,6 @@
 """Routers beyond tokens-choose-top-k: expert choice, hash routing and DeepSeek-V3's bias balancing.
 
-Registered in mixtral_jax.routers.ROUTERS (that module imports this one); see its docstring for the
+Registered in mixtral_jax.moe.routers.ROUTERS (that module imports this one); see its docstring for the
 router interface.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.routers import ROUTERS, LinearRouter, RouterOutput, expert_counts
+from mixtral_jax.moe.routers import ROUTERS, LinearRouter, RouterOutput, expert_counts
 
 
 @ROUTERS.register("expert_choice")

@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mixtral_jax import lora
+from mixtral_jax.training import lora
 from mixtral_jax.config import ConfigError, ModelConfig, model_config_from
 from mixtral_jax.execution import Execution, execution_from, resolve
-from mixtral_jax.losses import LOSSES
-from mixtral_jax.metrics import moe_metrics
+from mixtral_jax.moe.losses import LOSSES
+from mixtral_jax.moe.metrics import moe_metrics
 from mixtral_jax.model import abstract_model, init_state
-from mixtral_jax.routers import ROUTERS
-from mixtral_jax.train_checkpoints import load_pretrained
+from mixtral_jax.moe.routers import ROUTERS
+from mixtral_jax.training.run_checkpoints import load_pretrained
 
 # Model fields a fine-tuning run may change on a loaded checkpoint: training options of the router, not
 # its shape. (How the model runs -- dispatch, remat, dtype, layout -- is config.run, never stored.)
@@ -109,7 +109,7 @@ def router_state_update(setup: Setup):
   router_cls = ROUTERS.get(setup.cfg.router)
   update = getattr(router_cls, "update_state", None)
   if router_state and setup.cfg.router == "aux_free_bias":
-    from mixtral_jax.routers_extra import aux_free_bias_update
+    from mixtral_jax.moe.routers_extra import aux_free_bias_update
     rate = setup.cfg.router_kwargs.get("bias_rate",
                                        inspect.signature(router_cls.__init__).parameters["bias_rate"].default)
 
@@ -193,7 +193,7 @@ def evaluate(eval_step, state, base, batches) -> float:
 def greedy_sample(setup: Setup, params, rest, tokenizer, prompt: str, num_tokens: int) -> str:
   """A greedy continuation of `prompt` through sampling.generate (the one generation loop), with the
   trained weights in the backend's inference execution."""
-  from mixtral_jax import sampling
+  from mixtral_jax.inference import sampling
   from mixtral_jax.model import abstract_model, merge_trees, with_state
   model = with_state(abstract_model(setup.cfg), merge_trees(params, rest))
   ids = tokenizer.encode(prompt, bos=True)

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mixtral_jax.dispatch import DISPATCHERS, _drop_stats, combine_matrix
-from mixtral_jax.quant import matmul, take_expert
+from mixtral_jax.moe.dispatch import DISPATCHERS, _drop_stats, combine_matrix
+from mixtral_jax.inference.quant import matmul, take_expert
 
 
 @struct.dataclass
@@ -77,7 +77,7 @@ def sorted_loop(x, route, w1, w3, w2, *, dtype, loop_block=128, top_k=None, capa
                 grouped_matmul=None):
   """Forward: the loop below. Backward: `dropless`'s (the loop's trip counts are data-dependent, which
   reverse-mode cannot differentiate; both compute the same function, so the gradient is exact)."""
-  from mixtral_jax.dispatch import dropless
+  from mixtral_jax.moe.dispatch import dropless
 
   def forward(x, route, w1, w3, w2):
     return _sorted_loop(x, route, w1, w3, w2, dtype=dtype, block=loop_block)

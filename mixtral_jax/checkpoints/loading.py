@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple, Optional
 
 from mixtral_jax.config import ModelConfig
 from mixtral_jax.execution import Execution, resolve
-from mixtral_jax.formats import CheckpointError
+from mixtral_jax.checkpoints.formats import CheckpointError
 from mixtral_jax.registry import Registry
 
 
@@ -46,14 +46,14 @@ def _has(path, *names) -> bool:
 
 @_register("mixtral_jax", lambda p: _has(p, "config", "params"))
 def _read_converted(path, dtype):
-  from mixtral_jax import checkpoint
+  from mixtral_jax.checkpoints import store as checkpoint
   cfg, state = checkpoint.restore_state(path, dtype)
   return cfg, state, None
 
 
 @_register("quantized", lambda p: _has(p, "quantized.json"))
 def _read_quantized(path, dtype):
-  from mixtral_jax import quant
+  from mixtral_jax.inference import quant
   from mixtral_jax.model import state_of
   model = quant.load_quantized(path)
   return model.config, state_of(model), model.quant
@@ -61,14 +61,14 @@ def _read_quantized(path, dtype):
 
 @_register("workdir", lambda p: os.path.isdir(os.path.join(p, "checkpoints")))
 def _read_workdir(path, dtype):
-  from mixtral_jax.train_checkpoints import load_trainer_checkpoint
+  from mixtral_jax.training.run_checkpoints import load_trainer_checkpoint
   cfg, params = load_trainer_checkpoint(path)
   return _cast(cfg, params, dtype)
 
 
 def _read_release(fmt):
   def read(path, dtype):
-    from mixtral_jax import sources
+    from mixtral_jax.checkpoints import sources
     source = sources.open_source(path, fmt)
     try:
       cfg = source.config if dtype is None else source.config.replace(param_dtype=dtype)
@@ -117,7 +117,7 @@ def load(path, *, dtype: Optional[str] = "float32", execution: Optional[Executio
          purpose: str = "inference", quant: Optional[str] = None):
   """A Mixtral of whatever `path` holds, with `execution` resolved for `purpose` (default: this
   backend's fastest exact inference); `quant` (q8..q2) quantizes the attention and expert weights."""
-  from mixtral_jax import quant as quant_lib
+  from mixtral_jax.inference import quant as quant_lib
   from mixtral_jax.model import abstract_model, with_state
   cfg, state, stored_quant = read(path, dtype)
   if quant and stored_quant:

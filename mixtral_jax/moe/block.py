@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mixtral_jax.dispatch import all_dispatchers
-from mixtral_jax.layers import normal_param
-from mixtral_jax.routers import ROUTERS
+from mixtral_jax.moe.dispatch import all_dispatchers
+from mixtral_jax.model.layers import normal_param
+from mixtral_jax.moe.routers import ROUTERS
 
 
 class SwiGLU(nnx.Module):

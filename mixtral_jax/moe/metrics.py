@@ -5,8 +5,8 @@ import math
 
 import jax.numpy as jnp
 
-from mixtral_jax.losses import z_loss_per_layer
-from mixtral_jax.routers import expert_counts
+from mixtral_jax.moe.losses import z_loss_per_layer
+from mixtral_jax.moe.routers import expert_counts
 
 
 def expert_load(router, mask=None, num_experts=None):

@@ -1,6 +1,6 @@
 """Expert parallelism: expert weights split over the mesh's `expert` axis; tokens travel to them and back.
 
-Two dispatch strategies, registered in DISPATCHERS (same signature and stats as mixtral_jax.dispatch):
+Two dispatch strategies, registered in DISPATCHERS (same signature and stats as mixtral_jax.moe.dispatch):
 
   ep_capacity  `capacity` per token shard: each shard fills [E, C, D] buffer rows for its n tokens
                (C = dispatch.expert_capacity(n, ...), same claim order and drops as `capacity`), one
@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mixtral_jax import sharding
+from mixtral_jax.parallel import sharding
 from mixtral_jax.config import ConfigError
-from mixtral_jax.dispatch import DISPATCHERS, expert_capacity, run_rows, slot_ranks
-from mixtral_jax.grouped import (block_layout, default_block_size, resolve_grouped_matmul, swiglu, swiglu_blocks,
+from mixtral_jax.moe.dispatch import DISPATCHERS, expert_capacity, run_rows, slot_ranks
+from mixtral_jax.moe.grouped import (block_layout, default_block_size, resolve_grouped_matmul, swiglu, swiglu_blocks,
                                  swiglu_ragged, take_rows)
 
 

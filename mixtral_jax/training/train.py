@@ -24,12 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mixtral_jax import data, lora, optim, reporting, sharding
+from mixtral_jax.training import data
+from mixtral_jax.training import lora
+from mixtral_jax.training import optim
+from mixtral_jax.training import reporting
+from mixtral_jax.parallel import placement, sharding
 from mixtral_jax.config import ConfigError, to_dict
-from mixtral_jax.losses import LOSSES
+from mixtral_jax.moe.losses import LOSSES
 from mixtral_jax.modes import MODES
-from mixtral_jax.train_checkpoints import Checkpoints
-from mixtral_jax.train_step import build_setup, effective_params, evaluate, greedy_sample, make_eval_step, \
+from mixtral_jax.training.run_checkpoints import Checkpoints
+from mixtral_jax.training.step import build_setup, effective_params, evaluate, greedy_sample, make_eval_step, \
     make_train_step
 
 
@@ -80,7 +84,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint), then evaluates, samples, plots.
   Returns a summary dict (also printed).
 
-  With more than one device the run uses `config.mesh` (mixtral_jax/sharding.py): the train state is
+  With more than one device the run uses `config.mesh` (mixtral_jax/parallel/sharding.py): the train state is
   placed by the sharding rules, batches are split over the batch axes, and the steps are traced inside
   the mesh, so expert-parallel dispatch (`ep_capacity`, `ep_dropless`) finds it. A checkpoint restores onto
   the current mesh, whatever mesh saved it.
@@ -124,8 +128,8 @@ def _train_and_evaluate(config, workdir: str, mesh, rules) -> dict:
                rng=key, rest=setup.rest)
   on_mesh = lambda batch: batch  # noqa: E731
   if mesh is not None:
-    state = sharding.place_tree(state, cfg, mesh, rules)
-    base = None if base is None else sharding.place_tree(base, cfg, mesh, rules)
+    state = placement.place_tree(state, cfg, mesh, rules)
+    base = None if base is None else placement.place_tree(base, cfg, mesh, rules)
     on_mesh = lambda batch: sharding.put_batch(batch, mesh, rules)  # noqa: E731
     eval_set = [on_mesh(b) for b in eval_set]
   meta = dict(model=to_dict(cfg), lora=setup.lora and {**setup.lora, "targets": list(setup.lora["targets"])},
@@ -220,7 +224,7 @@ def _finish(config, workdir, setup, state, base, tokenizer, writer, ckpt, summar
   print(f"checkpoint: {ckpt.path(step)}")
   params = effective_params(setup, state["params"], base)
   if t.export or t.export_hf:
-    from mixtral_jax.train_checkpoints import export
+    from mixtral_jax.training.run_checkpoints import export
     summary.update(export(setup.cfg, params, workdir, hf=t.export_hf))
     print("exported " + ("merged " if setup.lora else "") + "weights: " +
           ", ".join(summary[k] for k in ("export", "hf") if k in summary))

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
-from mixtral_jax import sharding
+from mixtral_jax.parallel import placement, sharding
 from mixtral_jax.config import ConfigError, ModelConfig, model_config_from
 from mixtral_jax.modes import MODES
 
@@ -145,7 +145,7 @@ def plan(cfg: ModelConfig, mesh_cfg: sharding.MeshConfig, *, hardware: str, batc
   devices, gib, _ = HARDWARE[hardware]
   shape = sharding.resolve_shape(mesh_cfg, devices)
   rules = mesh_cfg.rules_dict
-  abstract = sharding.abstract_state(cfg, abstract_mesh(shape), rules)
+  abstract = placement.abstract_state(cfg, abstract_mesh(shape), rules)
   token_shards = math.prod(shape[a] for a in rules.get("batch", ()))
   if batch_size % token_shards:
     raise ConfigError(f"config.batch_size={batch_size} is not divisible by the {token_shards} token shards "
@@ -163,7 +163,7 @@ def plan(cfg: ModelConfig, mesh_cfg: sharding.MeshConfig, *, hardware: str, batc
 
   # One layer's weights as the matmuls see them: `embed` gathered (FSDP), still split over expert/tensor.
   gathered_rules = dict(rules, embed=())
-  layer_abstract = sharding.abstract_state(cfg.replace(num_layers=1), abstract_mesh(shape), gathered_rules)
+  layer_abstract = placement.abstract_state(cfg.replace(num_layers=1), abstract_mesh(shape), gathered_rules)
   gathered = per_device_param_bytes(layer_abstract["layers"], compute)
   logits_grad = per_device * seq_len * cfg.vocab_size * 4
   recompute = 0 if run.remat == "none" else layer  # without remat every layer is already in `saved`

@@ -4,7 +4,7 @@
     python run.py --config=configs/generate.py --config.checkpoint=DIR --config.quant=q4
     python run.py --config=configs/plan.py --config.plan.quant=q4 --config.plan.batch=4
 
-`checkpoint` may be anything mixtral_jax.loading reads (a converted or quantized checkpoint, a training
+`checkpoint` may be anything mixtral_jax.checkpoints.loading reads (a converted or quantized checkpoint, a training
 workdir, an HF directory, a Mistral release); empty = random weights for `config.model` (a smoke test).
 How it runs is `config.run` (mixtral_jax/execution.py): by default the backend's fastest exact strategy.
 """
@@ -15,20 +15,20 @@ import time
 
 import jax
 
-from mixtral_jax import quant as quant_lib
-from mixtral_jax import sampling
+from mixtral_jax.inference import quant as quant_lib
+from mixtral_jax.inference import sampling
 from mixtral_jax.config import ConfigError, model_config_from
 from mixtral_jax.modes import MODES
-from mixtral_jax.planner import format_plan, plan
+from mixtral_jax.inference.planner import format_plan, plan
 
 
 def load_for_inference(config):
   """config.checkpoint (+ config.quant, config.run) -> a model ready for sampling.generate: any kind of
-  checkpoint (mixtral_jax.loading), running the backend's fastest exact inference unless config.run says
+  checkpoint (mixtral_jax.checkpoints.loading), running the backend's fastest exact inference unless config.run says
   otherwise. No checkpoint: random weights for config.model (a smoke test of the pipeline)."""
-  from mixtral_jax import loading
+  from mixtral_jax.checkpoints import loading
   from mixtral_jax.execution import execution_from
-  from mixtral_jax.formats import CheckpointError
+  from mixtral_jax.checkpoints.formats import CheckpointError
   from mixtral_jax.model import build
   path, dtype = config.checkpoint, config.model.param_dtype
   quant = None if config.get("quant") in ("", "none", None) else config.quant
@@ -49,7 +49,7 @@ def load_for_inference(config):
 def generate_mode(config, workdir):
   """Streams the continuation of config.prompt and reports prefill and decode tokens per second. Both
   programs are compiled ahead of time (reported separately), then run once, streamed."""
-  from mixtral_jax.tokenizer import Tokenizer
+  from mixtral_jax.inference.tokenizer import Tokenizer
   tok = Tokenizer(config.tokenizer or None)
   model = load_for_inference(config)
   cfg = model.config

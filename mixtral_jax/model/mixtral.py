@@ -18,12 +18,12 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from mixtral_jax.config import DTYPES, ModelConfig
-from mixtral_jax.dispatch_decode import ExpertList
+from mixtral_jax.moe.dispatch_decode import ExpertList
 from mixtral_jax.execution import Execution, resolve
-from mixtral_jax.layers import Attention, RMSNorm, normal_param
-from mixtral_jax.moe import MoEBlock
-from mixtral_jax.routers import RouterOutput, require_causal
-from mixtral_jax.sharding import constrain
+from mixtral_jax.model.layers import Attention, RMSNorm, normal_param
+from mixtral_jax.moe.block import MoEBlock
+from mixtral_jax.moe.routers import RouterOutput, require_causal
+from mixtral_jax.parallel.sharding import constrain
 
 REMAT = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -225,7 +225,7 @@ class Mixtral(nnx.Module):
 
 def split_experts(layer: "DecoderLayer") -> "DecoderLayer":
   """Replaces a layer's stacked [E, ...] expert weights by ExpertLists of E buffers (in place)."""
-  from mixtral_jax.quant import take_expert
+  from mixtral_jax.inference.quant import take_expert
   for name in ("w1", "w3", "w2"):
     param = getattr(layer.moe, name)
     w = param[...]
@@ -261,11 +261,11 @@ def abstract_params(config: ModelConfig) -> dict:
 
 
 def _is_leaf(x) -> bool:
-  from mixtral_jax.quant import QTensor
+  from mixtral_jax.inference.quant import QTensor
   return isinstance(x, (ExpertList, QTensor))
 
 
-def _to_canonical(tree: dict, layout: str) -> dict:
+def to_canonical(tree: dict, layout: str) -> dict:
   """A pure-dict state of either layout -> the stacked one."""
   if layout == "stacked" or "layers" not in tree:
     return tree
@@ -278,7 +278,7 @@ def _from_canonical(tree: dict, layout: str, num_layers: int) -> dict:
   """The stacked pure-dict state -> the given layout's (per-layer dicts, experts as ExpertLists)."""
   if layout == "stacked" or "layers" not in tree:
     return tree
-  from mixtral_jax.quant import take_expert
+  from mixtral_jax.inference.quant import take_expert
   layers = {}
   for i in range(num_layers):
     layer = jax.tree.map(lambda a, i=i: take_expert(a, i), tree["layers"], is_leaf=_is_leaf)
@@ -295,7 +295,7 @@ def _stack(items):
 
 def state_of(model: Mixtral, what=...) -> dict:
   """The model's state (`what`: an nnx filter; default everything) as a canonical, stacked pure dict."""
-  return _to_canonical(nnx.to_pure_dict(nnx.state(model, what)), model.execution.layout)
+  return to_canonical(nnx.to_pure_dict(nnx.state(model, what)), model.execution.layout)
 
 
 def params_of(model: Mixtral) -> dict:
@@ -334,7 +334,7 @@ def build(config: ModelConfig, seed: int = 0, execution: Optional[Execution] = N
   """Random weights for `config`, in the layout of `execution` (default: this backend's inference one).
 
   The one constructor: a seed gives the same weights in every layout and on every mesh
-  (sharding.init_model runs this same program with sharded outputs). One jitted program with the classic
+  (placement.init_model runs this same program with sharded outputs). One jitted program with the classic
   threefry: eager init compiles one small program per parameter shape, and the partitionable threefry
   makes each slow to compile on CPU (~12 s for a tiny model against ~3 s).
   """

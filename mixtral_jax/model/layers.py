@@ -17,7 +17,7 @@ _NEG_INF = jnp.finfo(jnp.float32).min  # finite: a fully masked row softmaxes to
 
 
 def normal_param(rngs: nnx.Rngs, shape, dtype, axes) -> nnx.Param:
-  """A N(0, 0.02) parameter annotated with logical axis names (read by mixtral_jax.sharding)."""
+  """A N(0, 0.02) parameter annotated with logical axis names (read by mixtral_jax.parallel.sharding)."""
   value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
   return nnx.Param(value.astype(dtype), logical_axes=axes)
 

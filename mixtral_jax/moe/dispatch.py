@@ -25,7 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mixtral_jax.grouped import (block_layout, default_block_size, resolve_grouped_matmul, swiglu,
+from mixtral_jax.moe.grouped import (block_layout, default_block_size, resolve_grouped_matmul, swiglu,
                                  swiglu_blocks, swiglu_ragged, take_rows)
 from mixtral_jax.registry import Registry
 
@@ -34,7 +34,8 @@ DISPATCHERS = Registry("dispatch")
 
 def all_dispatchers() -> Registry:
   """DISPATCHERS with every module that registers strategies imported (inference and expert-parallel)."""
-  from mixtral_jax import dispatch_decode, expert_parallel  # noqa: F401
+  from mixtral_jax.moe import dispatch_decode
+  from mixtral_jax.parallel import expert_parallel  # noqa: F401
   return DISPATCHERS
 
 

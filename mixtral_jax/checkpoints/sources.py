@@ -21,9 +21,10 @@ from typing import Any, Callable, Dict, Iterator, Tuple
 
 import numpy as np
 
-from mixtral_jax import formats, params
+from mixtral_jax.checkpoints import formats
+from mixtral_jax.checkpoints import params
 from mixtral_jax.config import ConfigError, ModelConfig
-from mixtral_jax.formats import CheckpointError
+from mixtral_jax.checkpoints.formats import CheckpointError
 
 _HF = dict(embed="model.embed_tokens.weight", norm="model.norm.weight", lm_head="lm_head.weight",
            q="model.layers.{i}.self_attn.q_proj.weight", k="model.layers.{i}.self_attn.k_proj.weight",
