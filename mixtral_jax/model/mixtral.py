@@ -375,6 +375,13 @@ def from_params(config: ModelConfig, params: Any, execution: Optional[Execution]
   return with_state(abstract_model(config, execution), merge_trees(params, other))
 
 
+def subtree(tree: dict, like: dict) -> dict:
+  """The entries of pure dict `tree` whose paths are in `like` (e.g. a state's Params only)."""
+  if not isinstance(like, dict):
+    return tree
+  return {k: subtree(tree[k], v) for k, v in like.items() if k in tree}
+
+
 def merge_trees(a: dict, b: dict) -> dict:
   """Deep union of two pure dicts (Params and other state of the same model)."""
   out = dict(a)

@@ -128,16 +128,10 @@ def load_pretrained(path: str, *, dtype: Optional[str] = "float32"):
     state = jax.tree.map(lambda a: a.astype(float_dtype) if isinstance(a, QTensor) else a, state,
                          is_leaf=lambda a: isinstance(a, QTensor))
   params = {k: v for k, v in state.items()}
-  from mixtral_jax.model import abstract_params
-  params = _only(params, abstract_params(cfg))
+  from mixtral_jax.model import abstract_params, subtree
+  params = subtree(params, abstract_params(cfg))
   return cfg, params
 
-
-def _only(tree, like):
-  """The entries of `tree` present in `like` (drops non-parameter state such as router biases)."""
-  if not isinstance(like, dict):
-    return tree
-  return {k: _only(tree[k], v) for k, v in like.items()}
 
 
 def export(cfg: ModelConfig, params, directory: str, *, hf: bool = False) -> dict:

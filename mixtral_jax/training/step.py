@@ -19,7 +19,7 @@ from mixtral_jax.config import ConfigError, ModelConfig, model_config_from
 from mixtral_jax.execution import Execution, execution_from, resolve
 from mixtral_jax.moe.losses import LOSSES
 from mixtral_jax.moe.metrics import moe_metrics
-from mixtral_jax.model import abstract_model, init_state
+from mixtral_jax.model import abstract_model, init_state, subtree
 from mixtral_jax.moe.routers import ROUTERS
 from mixtral_jax.training.run_checkpoints import load_pretrained
 
@@ -59,21 +59,14 @@ def build_setup(config) -> Setup:
     raise ConfigError(f"config.run.layout={run.layout!r}: training runs the stacked layout (lax.scan over layers)")
   graphdef, _, _ = nnx.split(abstract_model(cfg, run), nnx.Param, ...)
   state = init_state(cfg, config.seed)
-  base = params if params is not None else _only(state, nnx.to_pure_dict(nnx.state(abstract_model(cfg, run),
+  base = params if params is not None else subtree(state, nnx.to_pure_dict(nnx.state(abstract_model(cfg, run),
                                                                                    nnx.Param)))
-  rest = _only(state, nnx.to_pure_dict(nnx.state(abstract_model(cfg, run), nnx.Not(nnx.Param))))
+  rest = subtree(state, nnx.to_pure_dict(nnx.state(abstract_model(cfg, run), nnx.Not(nnx.Param))))
   spec = None
   if rank:
     spec = dict(rank=int(rank), alpha=float(config.train.lora.alpha),
                 targets=lora.parse_targets(config.train.lora.targets))
   return Setup(cfg, graphdef, run, base, rest, spec)
-
-
-def _only(tree, like):
-  """The entries of `tree` present in `like` (pure dicts)."""
-  if not isinstance(like, dict):
-    return tree
-  return {k: _only(tree[k], v) for k, v in like.items() if k in tree}
 
 
 def next_token_loss(logits, targets, mask):
