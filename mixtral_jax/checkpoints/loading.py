@@ -54,8 +54,8 @@ def _read_converted(path, dtype):
 @_register("quantized", lambda p: _has(p, "quantized.json"))
 def _read_quantized(path, dtype):
   from mixtral_jax.inference import quant
-  from mixtral_jax.model import state_of
-  model = quant.load_quantized(path)
+  from mixtral_jax.model import STACKED, state_of
+  model = quant.load_quantized(path, execution=STACKED)  # stored stacked: no round trip through another layout
   return model.config, state_of(model), model.quant
 
 
