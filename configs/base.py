@@ -44,7 +44,7 @@ def run_config():
   return ml_collections.ConfigDict(dict(
       train_dispatch="auto", prefill_dispatch="auto", decode_dispatch="auto",  # names in DISPATCHERS
       capacity_factor=1.25,   # capacity dispatch only: buffer rows per expert = factor x balanced load
-      grouped_matmul="auto",  # dropless: blocks (CPU) | ragged_dot (accelerators)
+      grouped_matmul="auto",  # dropless: loop (CPU) | tokamax (GPU) | megablox (TPU) | ragged_dot | blocks
       layout="auto",          # stacked (lax.scan, training) | unstacked (per-layer buffers, CPU inference)
       remat="none",           # none | full | dots | dots_with_no_batch_dims
       dtype="auto",           # compute dtype; auto = the parameters' dtype

@@ -36,7 +36,7 @@ class Execution:
   prefill_dispatch: str = "auto"   # ... for forwards without a cache, or a prompt into one
   decode_dispatch: str = "auto"    # ... for one new token per row against a cache
   capacity_factor: float = 1.25    # capacity-based dispatch only: buffer rows = factor x balanced load
-  grouped_matmul: str = "auto"     # dropless' grouped matmul: blocks | ragged_dot
+  grouped_matmul: str = "auto"     # dropless' grouped matmul: loop | ragged_dot | tokamax | megablox | blocks
   layout: str = "auto"             # stacked ([L, ...] params, lax.scan) | unstacked (per layer, per expert)
   remat: str = "none"              # one of config.REMAT_POLICIES (training memory vs recompute)
   dtype: str = "auto"              # compute dtype; auto = the parameters' dtype. Router math is float32.
@@ -65,16 +65,17 @@ class Execution:
 # Per-backend defaults: every number here was measured (the comment says where), and every choice is exact.
 BACKENDS = {
     "cpu": dict(
-        # Training: rows grouped by expert through padded blocks / per-expert buffers, a custom VJP of
-        # gathers (grouped.py): 0.70 s/step at B8xT128 on the tiny model vs 1.0 s for dense.
+        # Training: rows sorted by expert (gathers both ways, grouped.py) through the grouped matmul below.
         train_dispatch="dropless",
         # Prefill: slots sorted by expert, a loop of [128, D] @ [D, F] blocks per expert (active FLOPs
         # only, ~165 GFLOP/s per block on 2 cores); 1.02-1.16x HF at B4xT512 (experiments/results).
         prefill_dispatch="sorted_loop",
         # Decode: a lax.cond per expert, so only chosen experts' weights are read: 2.8-3.2x HF at batch 1.
         decode_dispatch="routed_cond",
-        # XLA:CPU's ragged_dot is ~10x slower than an equal batched matmul.
-        grouped_matmul="blocks",
+        # gmm.py's loop of row tiles with its megablox-pattern VJP: MoE layer fwd+bwd at 4096 tokens with
+        # a skewed router (max/mean load 2.4) 0.74 s vs 0.96 s for padded blocks, equal when balanced
+        # (experiments/results/bench_moe.md). XLA:CPU's ragged_dot is ~10x slower than a batched matmul.
+        grouped_matmul="loop",
         # Inference: XLA:CPU copies a scanned layer's (and an expert's) slice out of the stack before every
         # matmul, tripling the bytes a decode step moves; per-layer, per-expert buffers are read in place.
         inference_layout="unstacked",
@@ -84,14 +85,16 @@ BACKENDS = {
         # matmul at HIGHEST precision (exact) stops it: ~2% of a prefill.
         rope_identity="on",
     ),
-    # Accelerators: ragged_dot groups without per-block weight copies; the same exact dispatch for every
-    # phase until one is measured faster on the device (experiments/gpu_bench.py). Scanned layers keep
-    # compile time independent of depth.
+    # Accelerators: grouped-matmul kernels from maintained libraries (gmm.py): tokamax's ragged_dot on GPU
+    # (Mosaic / Triton kernels; XLA's default ragged_dot expands into zero-padded dense dots there), the
+    # Pallas megablox GMM on TPU. Not yet timed on a device (experiments/gpu_bench.py). The same exact
+    # dispatch for every phase until one is measured faster there. Scanned layers keep compile time
+    # independent of depth.
     "gpu": dict(train_dispatch="dropless", prefill_dispatch="dropless", decode_dispatch="routed_cond",
-                grouped_matmul="ragged_dot", inference_layout="stacked", loop_block=512, causal_block=512,
+                grouped_matmul="tokamax", inference_layout="stacked", loop_block=512, causal_block=512,
                 rope_identity="off"),
     "tpu": dict(train_dispatch="dropless", prefill_dispatch="dropless", decode_dispatch="routed_cond",
-                grouped_matmul="ragged_dot", inference_layout="stacked", loop_block=512, causal_block=512,
+                grouped_matmul="megablox", inference_layout="stacked", loop_block=512, causal_block=512,
                 rope_identity="off"),
 }
 

@@ -151,16 +151,18 @@ def dropless(x, route, w1, w3, w2, *, dtype, grouped_matmul="auto", top_k=None, 
                 at run time) each expert's group padded to whole blocks of `block_size` rows (default:
                 grouped.default_block_size), one batched matmul over blocks with per-block weights.
                 Both branches are exact; the buffers only skip the per-block weight copies and padding.
-    ragged_dot: contiguous groups through jax.lax.ragged_dot (accelerators)."""
+    loop | ragged_dot | tokamax | megablox: contiguous groups through that grouped matmul (gmm.py:
+                forward and backward without padding or per-block weight copies)."""
   num_experts = w1.shape[0]
   num_slots = route.experts.size
   used = route.weights != 0
   rank, counts = slot_ranks(route.experts, used, num_experts)
   w1, w3, w2 = w1.astype(dtype), w3.astype(dtype), w2.astype(dtype)
-  if resolve_grouped_matmul(grouped_matmul or "auto") == "ragged_dot":
+  impl = resolve_grouped_matmul(grouped_matmul or "auto")
+  if impl != "blocks":  # contiguous groups through a grouped matmul (gmm.GMMS)
     starts = jnp.cumsum(counts) - counts  # [E]
     slot_row = jnp.where(used, starts[route.experts] + rank, num_slots)  # [N, k]
-    experts_fn = lambda rows: swiglu_ragged(rows, counts, w1, w3, w2)  # noqa: E731
+    experts_fn = lambda rows: swiglu_ragged(rows, counts, w1, w3, w2, impl)  # noqa: E731
     return run_rows(x, route.weights, slot_row, num_slots, experts_fn, dtype), _drop_stats(used, used)
 
   block = block_size or default_block_size(num_slots, num_experts)

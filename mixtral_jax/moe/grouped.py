@@ -13,7 +13,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-GROUPED_MATMULS = ("auto", "blocks", "ragged_dot")
+# "blocks": padded blocks with per-block weight copies (below); the rest are gmm.GMMS implementations.
+GROUPED_MATMULS = ("auto", "blocks", "loop", "ragged_dot", "tokamax", "megablox", "megablox_interpret")
 
 
 def _take(src: jax.Array, index: jax.Array) -> jax.Array:
@@ -56,12 +57,12 @@ def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Arr
 
 
 def resolve_grouped_matmul(name: str) -> str:
-  """'auto' -> 'blocks' on CPU (XLA:CPU's ragged_dot is ~10x slower than an equal batched matmul),
-  'ragged_dot' on accelerators (where it avoids copying expert weights per block)."""
+  """'auto' -> this backend's default from execution.BACKENDS (the one place it is decided)."""
   if name not in GROUPED_MATMULS:
     raise ValueError(f"grouped_matmul={name!r} is not one of {', '.join(GROUPED_MATMULS)}")
   if name == "auto":
-    return "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+    from mixtral_jax.execution import backend_defaults
+    return backend_defaults()["grouped_matmul"]
   return name
 
 
@@ -102,8 +103,10 @@ def swiglu_blocks(rows: jax.Array, block_expert: jax.Array, w1, w3, w2) -> jax.A
   return swiglu(x, g1, g3, g2).reshape(rows.shape)
 
 
-def swiglu_ragged(rows: jax.Array, group_sizes: jax.Array, w1, w3, w2) -> jax.Array:
-  """rows [R, D] sorted by expert (group e has group_sizes[e] rows; rows past the groups are zero)."""
-  gate = jax.lax.ragged_dot(rows, w1, group_sizes)  # [R, F]
-  up = jax.lax.ragged_dot(rows, w3, group_sizes)  # [R, F]
-  return jax.lax.ragged_dot(jax.nn.silu(gate) * up, w2, group_sizes)  # [R, D]
+def swiglu_ragged(rows: jax.Array, group_sizes: jax.Array, w1, w3, w2, impl: str = "ragged_dot") -> jax.Array:
+  """rows [R, D] sorted by expert (group e has group_sizes[e] rows; rows past the groups are zero),
+  through the grouped matmul `impl` (gmm.GMMS)."""
+  from mixtral_jax.moe.gmm import gmm
+  gate = gmm(rows, w1, group_sizes, impl=impl)  # [R, F]
+  up = gmm(rows, w3, group_sizes, impl=impl)  # [R, F]
+  return gmm(jax.nn.silu(gate) * up, w2, group_sizes, impl=impl)  # [R, D]

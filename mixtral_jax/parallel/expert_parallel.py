@@ -8,7 +8,7 @@ Two dispatch strategies, registered in DISPATCHERS (same signature and stats as 
                second all_to_all brings the results back.
   ep_dropless  `dropless` across devices: rows grouped by expert are sent with `ragged_all_to_all` (exactly
                the rows each device needs), regrouped by local expert, run through the grouped matmul of
-               `grouped_matmul` (padded blocks on CPU, ragged_dot on accelerators), and sent back the same
+               `grouped_matmul` (gmm.py per backend, or padded blocks), and sent back the same
                way. XLA:CPU has no ragged all-to-all: on CPU the exchange is a padded all_to_all (blocks of
                n*k rows per device pair) driven by the same offsets.
 
@@ -140,9 +140,12 @@ def _local_grouped(received, recv_counts, w1, w3, w2, dtype, axes: Axes, grouped
   rank = earlier[run] + jnp.arange(size, dtype=jnp.int32) - (run_ends - counts)[run]  # [R] rank in its expert
   group_sizes = recv_counts.sum(0)  # [El]
   w1, w3, w2 = w1.astype(dtype), w3.astype(dtype), w2.astype(dtype)
-  if resolve_grouped_matmul(grouped_matmul) == "ragged_dot":
+  impl = resolve_grouped_matmul(grouped_matmul)
+  if impl == "loop":  # its custom VJP cannot yet type cotangents by mesh axes inside shard_map (vma)
+    impl = "blocks"
+  if impl != "blocks":  # a grouped matmul over contiguous groups (gmm.GMMS)
     starts, num_rows = _exclusive_cumsum(group_sizes), size
-    experts_fn = lambda rows: swiglu_ragged(rows, group_sizes, w1, w3, w2)  # noqa: E731
+    experts_fn = lambda rows: swiglu_ragged(rows, group_sizes, w1, w3, w2, impl)  # noqa: E731
   else:
     block = default_block_size(size, local_experts)
     starts, block_expert, num_blocks = block_layout(group_sizes, size, block)
