@@ -60,10 +60,20 @@ def matmul_peak(repeats):
   return best
 
 
-def make_inputs(tokens, dim, ffn, experts, seed=0):
+def make_inputs(tokens, dim, ffn, experts, seed=0, skew=0.0):
+  """Random weights and tokens. skew > 0 tilts the router: every token's logits gain about
+  skew * linspace(1, -1, E) (tokens get a common offset u, the gate a matching component along u), so the
+  loads are skewed the way a trained router's are, for HF's block and ours alike."""
   rng = np.random.default_rng(seed)
   normal = lambda *shape: jnp.asarray(0.02 * rng.standard_normal(shape), jnp.float32)  # noqa: E731
-  return dict(x=jnp.asarray(rng.standard_normal((tokens, dim)), jnp.float32), gate=normal(dim, experts),
+  x = rng.standard_normal((tokens, dim)).astype(np.float32)
+  gate = 0.02 * rng.standard_normal((dim, experts)).astype(np.float32)
+  if skew:
+    u = np.ones(dim, np.float32)
+    x = x + u  # [N, D]
+    gate = gate - np.outer(u, u @ gate) / dim  # no random component along u
+    gate = gate + np.outer(u / dim, skew * np.linspace(1, -1, experts)).astype(np.float32)  # [D, E]
+  return dict(x=jnp.asarray(x), gate=jnp.asarray(gate),
               w1=normal(experts, dim, ffn), w3=normal(experts, dim, ffn), w2=normal(experts, ffn, dim),
               cotangent=jnp.asarray(rng.standard_normal((tokens, dim)), jnp.float32))
 
@@ -126,13 +136,16 @@ def main():
   parser.add_argument("--top_k", type=int, default=2)
   parser.add_argument("--capacity_factor", type=float, default=1.25)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--skew", type=float, default=0.0,
+                      help="router tilt (make_inputs); 0.5 gives max/mean load ~2 at E=8")
   parser.add_argument("--no-hf", dest="hf", action="store_false")
   parser.add_argument("--out", default=RESULTS)
+  parser.add_argument("--name", default="bench_moe", help="results file stem")
   args = parser.parse_args()
 
   n, d, f, e, k = args.tokens, args.dim, args.ffn, args.experts, args.top_k
   load_before = os.getloadavg()
-  inputs = make_inputs(n, d, f, e)
+  inputs = make_inputs(n, d, f, e, skew=args.skew)
   active = 3 * (2 * n * d * e + 3 * 2 * n * k * d * f)  # forward + backward = 3x forward
   peak = matmul_peak(args.repeats)
   block = default_block_size(n * k, e)
@@ -145,8 +158,9 @@ def main():
   # default grouped matmul named explicitly) runs once.
   base = Execution(capacity_factor=args.capacity_factor)
   blocks = base.replace(train_dispatch="dropless", grouped_matmul="blocks")
+  loop = base.replace(train_dispatch="dropless", grouped_matmul="loop")
   arms = [(base.replace(train_dispatch="dense"), dict(repeats=min(2, args.repeats))),
-          (base.replace(train_dispatch="capacity"), {}), (base.replace(train_dispatch="dropless"), {}),
+          (base.replace(train_dispatch="capacity"), {}), (base.replace(train_dispatch="dropless"), {}), (loop, {}),
           (blocks, {}), (blocks, dict(fast_capacity=None)), (blocks, dict(fast_capacity=None, block_size=block // 2)),
           (base.replace(train_dispatch="sorted_loop"), {})]
   if jax.default_backend() != "cpu":  # XLA:CPU's ragged_dot is ~10x slower than an equal batched matmul
@@ -191,7 +205,7 @@ def main():
       print(f"HF peer skipped: {err}")
   load_after = os.getloadavg()
   result = dict(
-      config=dict(tokens=n, dim=d, ffn=f, experts=e, top_k=k, capacity_factor=args.capacity_factor,
+      config=dict(tokens=n, dim=d, ffn=f, experts=e, top_k=k, capacity_factor=args.capacity_factor, skew=args.skew,
                   expert_loads=load.tolist(),
                   capacity=expert_capacity(n, e, k, args.capacity_factor), dtype="float32",
                   repeats=args.repeats, active_gflop_per_step=active / 1e9),
@@ -200,9 +214,9 @@ def main():
                    load_after=load_after),
       matmul_peak_gflops=peak, jax=rows, hf=hf)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "bench_moe.json"), "w") as fh:
+  with open(os.path.join(args.out, args.name + ".json"), "w") as fh:
     json.dump(result, fh, indent=2)
-  with open(os.path.join(args.out, "bench_moe.md"), "w") as fh:
+  with open(os.path.join(args.out, args.name + ".md"), "w") as fh:
     fh.write(markdown(result))
   print(f"matmul peak {peak:.1f} GFLOP/s; load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
 
@@ -217,7 +231,8 @@ def markdown(result) -> str:
       f"float32; value_and_grad w.r.t. input, router and expert weights. Active = router + k experts per "
       f"token, forward + backward = {c['active_gflop_per_step']:.1f} GFLOP per step. Capacity factor "
       f"{c['capacity_factor']} (C = {c['capacity']} rows per expert). Best of {c['repeats']} after warm-up "
-      f"(dense: 2). Router: random N(0, 0.02) gate, expert loads {c['expert_loads']} slots.",
+      f"(dense: 2). Router: random N(0, 0.02) gate, tilt {c.get('skew', 0.0)} (make_inputs), expert loads "
+      f"{c['expert_loads']} slots (max / mean {max(c['expert_loads']) / np.mean(c['expert_loads']):.2f}).",
       "",
       f"Machine: {m['cpus']} CPUs, {m['platform']}, jax {m['jax']} ({m['backend']}); load average "
       f"{m['load_before'][0]:.2f} before, {m['load_after'][0]:.2f} after (a shared machine). "
