@@ -73,8 +73,9 @@ BACKENDS = {
         # Decode: a lax.cond per expert, so only chosen experts' weights are read: 2.8-3.2x HF at batch 1.
         decode_dispatch="routed_cond",
         # gmm.py's loop of row tiles with its megablox-pattern VJP: MoE layer fwd+bwd at 4096 tokens with
-        # a skewed router (max/mean load 2.4) 0.74 s vs 0.96 s for padded blocks, equal when balanced
-        # (experiments/results/bench_moe.md). XLA:CPU's ragged_dot is ~10x slower than a batched matmul.
+        # a skewed router (max/mean load 1.81) 804 ms vs 958 ms for padded blocks, 1319 ms for blocks'
+        # buffers-else-blocks, 1127 ms for HF's block (experiments/results/bench_moe_skewed.md).
+        # XLA:CPU's ragged_dot is ~10x slower than a batched matmul.
         grouped_matmul="loop",
         # Inference: XLA:CPU copies a scanned layer's (and an expert's) slice out of the stack before every
         # matmul, tripling the bytes a decode step moves; per-layer, per-expert buffers are read in place.

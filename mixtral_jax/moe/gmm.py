@@ -17,8 +17,8 @@ One name, one implementation per backend (GMMS; the execution spec's BACKENDS pi
               `tokamax.config.cross_compile(True)` a CPU machine exports its Triton kernel for `cuda`
               (Mosaic GPU still needs the device).
   megablox    Pallas TPU grouped matmul (jax.experimental.pallas.ops.tpu.megablox, custom VJP gmm/tgmm);
-              `megablox_interpret` runs it in the Pallas interpreter off TPU (tests). Rows past the groups are left unwritten by the kernel;
-              they are zeroed here.
+              `megablox_interpret` runs it in the Pallas interpreter off TPU (tests). The kernel leaves
+              rows past the groups unwritten; they are zeroed here.
 """
 from __future__ import annotations
 
@@ -133,7 +133,6 @@ def _loop_gmm_bwd(tile, res, grad):
   return dlhs, drhs, None
 
 
-
 _loop_gmm.defvjp(_loop_gmm_fwd, _loop_gmm_bwd)
 
 
@@ -157,7 +156,8 @@ def tokamax_ragged_dot(lhs, rhs, group_sizes, *, tile=None):
 
 
 def megablox_tiling(m: int, k: int, n: int) -> tuple:
-  """(tm, tk, tn): 128 (the TPU MXU) or 512 where it divides, else the whole dimension."""
+  """(tm, tk, tn): the largest of 512, 256, 128 (multiples of the TPU MXU) that divides each dimension,
+  else the whole dimension."""
   def pick(size, prefer):
     for t in prefer:
       if size % t == 0:
