@@ -50,6 +50,9 @@ def run_config():
       dtype="auto",           # compute dtype; auto = the parameters' dtype
       loop_block=0, causal_block=0,  # rows per sorted_loop block / causal attention block; 0 = auto
       rope_identity="auto",   # on | off: XLA:CPU rotary-table workaround (execution.BACKENDS)
+      # mixtral_jax.attention for keys >= attention_min_len: flash | xla | cudnn | pallas_gpu | splash;
+      # shorter ones and decode steps use xla (materialised scores). flash_block: rows per flash block.
+      attention="auto", attention_min_len=0, flash_block=0,
   ))
 
 

@@ -41,7 +41,10 @@ class Execution:
   remat: str = "none"              # one of config.REMAT_POLICIES (training memory vs recompute)
   dtype: str = "auto"              # compute dtype; auto = the parameters' dtype. Router math is float32.
   loop_block: int = 0              # rows per expert matmul in sorted_loop (prefill)
-  causal_block: int = 0            # query rows per block of block-causal self-attention
+  causal_block: int = 0            # query rows per block of block-causal self-attention ("xla" attention)
+  attention: str = "auto"          # mixtral_jax.attention name for long sequences: flash | xla | kernels
+  attention_min_len: int = 0       # keys shorter than this (and decode steps) use "xla" attention
+  flash_block: int = 0             # query / key rows per block of flash (and kernel) attention
   rope_identity: str = "auto"      # on | off: rotary tables leave through an identity matmul (XLA:CPU)
 
   def replace(self, **changes) -> "Execution":
@@ -59,7 +62,8 @@ class Execution:
   def resolved(self) -> bool:
     return all(v not in ("auto", 0, None) for v in (self.train_dispatch, self.prefill_dispatch,
                self.decode_dispatch, self.grouped_matmul, self.layout, self.dtype, self.loop_block,
-               self.causal_block, self.rope_identity))
+               self.causal_block, self.rope_identity, self.attention, self.attention_min_len,
+               self.flash_block))
 
 
 # Per-backend defaults: every number here was measured (the comment says where), and every choice is exact.
@@ -82,21 +86,28 @@ BACKENDS = {
         inference_layout="unstacked",
         loop_block=128,    # 128 beat 64 and 256 for [N, 512] @ [512, 1792] blocks on 2 cores
         causal_block=128,  # 4x faster attention than the full [T, T] scores at T=512
+        # Flash attention from 2048 keys: faster than block-causal there (fwd and fwd+bwd) and memory
+        # linear in the sequence; below, the materialised scores are faster on 2 cores
+        # (experiments/results/bench_attention.md).
+        attention="flash", attention_min_len=2048, flash_block=256,
         # XLA:CPU fuses cos/sin into every head's rotation (once per head, not per position); an identity
         # matmul at HIGHEST precision (exact) stops it: ~2% of a prefill.
         rope_identity="on",
     ),
     # Accelerators: grouped-matmul kernels from maintained libraries (gmm.py): tokamax's ragged_dot on GPU
     # (Mosaic / Triton kernels; XLA's default ragged_dot expands into zero-padded dense dots there), the
-    # Pallas megablox GMM on TPU. Not yet timed on a device (experiments/gpu_bench.py). The same exact
+    # Pallas megablox GMM on TPU. Not yet timed on a device (experiments/gpu_bench.py). Attention: plain-JAX
+    # flash (partitions under a sharded jit like any jnp code); the kernels (cudnn, pallas_gpu, splash in
+    # mixtral_jax/attention/kernels.py) are chosen by name until a device run shows them faster, and the
+    # Pallas ones see one device's arrays (no GSPMD rule for a pallas_call: single device or shard_map). The same exact
     # dispatch for every phase until one is measured faster there. Scanned layers keep compile time
     # independent of depth.
     "gpu": dict(train_dispatch="dropless", prefill_dispatch="dropless", decode_dispatch="routed_cond",
                 grouped_matmul="tokamax", inference_layout="stacked", loop_block=512, causal_block=512,
-                rope_identity="off"),
+                rope_identity="off", attention="flash", attention_min_len=1024, flash_block=512),
     "tpu": dict(train_dispatch="dropless", prefill_dispatch="dropless", decode_dispatch="routed_cond",
                 grouped_matmul="megablox", inference_layout="stacked", loop_block=512, causal_block=512,
-                rope_identity="off"),
+                rope_identity="off", attention="flash", attention_min_len=1024, flash_block=512),
 }
 
 
@@ -126,7 +137,10 @@ def validate(run: Execution) -> Execution:
     raise ConfigError(f"config.run.capacity_factor must be positive, got {run.capacity_factor!r}")
   if run.rope_identity not in ("auto", "on", "off"):
     raise ConfigError(f"config.run.rope_identity={run.rope_identity!r} is not one of auto, on, off")
-  for name in ("loop_block", "causal_block"):
+  from mixtral_jax.attention import ATTENTIONS
+  if run.attention != "auto" and run.attention not in ATTENTIONS:
+    raise ConfigError(f"config.run.attention={run.attention!r} is unknown; known: auto, {', '.join(ATTENTIONS.names())}")
+  for name in ("loop_block", "causal_block", "attention_min_len", "flash_block"):
     value = getattr(run, name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
       raise ConfigError(f"config.run.{name} must be a non-negative integer (0 = auto), got {value!r}")
@@ -152,7 +166,10 @@ def resolve(run: Optional[Execution] = None, *, purpose: str = "inference", para
       dtype=pick(run.dtype, param_dtype),
       loop_block=pick(run.loop_block, d["loop_block"]),
       causal_block=pick(run.causal_block, d["causal_block"]),
-      rope_identity=pick(run.rope_identity, d["rope_identity"]))
+      rope_identity=pick(run.rope_identity, d["rope_identity"]),
+      attention=pick(run.attention, d["attention"]),
+      attention_min_len=pick(run.attention_min_len, d["attention_min_len"]),
+      flash_block=pick(run.flash_block, d["flash_block"]))
 
 
 def execution_from(run: Optional[Mapping[str, Any] | ml_collections.ConfigDict]) -> Execution:

@@ -72,3 +72,86 @@ def test_decode_matvec_loop_quick(tmp_path):
   assert np.all(np.isfinite(outs[0])) and np.allclose(outs[1], outs[2], rtol=1e-6)  # cond = switch: same experts
   decode_matvec_loop.main(["--quick", "--repeats=1", f"--out={tmp_path / 'loop'}"])
   assert {r["variant"] for r in json.loads((tmp_path / "loop.json").read_text())["rows"]} == {"fixed", "cond", "switch"}
+
+
+def _run_script(*argv):
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.mark.slow
+def test_bench_attention_quick(tmp_path):
+  """experiments/bench_attention.py end to end at tiny heads: every implementation timed at every T and pass,
+  ratios against HF and xla, temp memory, the default's check against HF's sdpa, the model-API layer."""
+  from mixtral_jax.execution import Execution, resolve
+  _run_script("experiments/bench_attention.py", "--quick", "--repeats=1", "--warmup=0", f"--out={tmp_path}")
+  record = json.loads((tmp_path / "bench_attention.json").read_text())
+  md = (tmp_path / "bench_attention.md").read_text()
+  run = resolve(Execution())
+  assert record["check"]["ok"] and record["check"]["default_fwd_rel_err"] <= 1e-4
+  assert {(c["t"], c["mode"]) for c in record["cells"]} == {(t, m) for t in (64, 2048) for m in ("fwd", "fwd+bwd")}
+  for cell in record["cells"]:
+    assert set(cell["arms"]) == {"default", "xla", "flash", "hf"}
+    assert cell["default_runs"] == ("xla" if cell["t"] < run.attention_min_len else run.attention)
+    for arm, row in cell["arms"].items():
+      assert row["median_ms"] > 0 and row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["gflops"] > 0
+      if arm != "hf":
+        assert row["temp_bytes"] > 0 and row["rel_err_vs_hf"] < 1e-4 and row["vs_hf"]["median"] > 0
+  assert 0 < record["peak_gflops"] and record["flops_convention"].startswith("causal forward")
+  for label in ("ours (default)", "xla (block-causal, materialised)", "flash (forced)", "HF (torch sdpa)"):
+    assert md.count(f"| {label} |") == 4 + 2  # 2 T x 2 passes, + the layer section's 2 T
+  layer = record["layer"]["cells"]
+  assert [c["t"] for c in layer] == [64, 2048]
+  assert all(set(c["arms"]) == {"default", "xla", "flash", "hf"} for c in layer)
+  assert layer[1]["arms"]["flash"]["runs"] == "flash" and layer[1]["arms"]["xla"]["runs"] == "xla"
+
+
+def test_bench_attention_skips_programs_over_the_memory_limit(tmp_path):
+  """A program whose compiled temp memory exceeds --max-temp-gib is compiled, measured and not run; the
+  peer still is. Also the FLOP convention and the default's implementation rule."""
+  from experiments import bench_attention as ba
+  from mixtral_jax.execution import Execution
+  assert ba.causal_flops(1, 32, 8192, 128, "fwd") == 4 * 32 * 8192 ** 2 * 128 / 2
+  assert ba.causal_flops(1, 32, 8192, 128, "fwd+bwd") == 3.5 * ba.causal_flops(1, 32, 8192, 128, "fwd")
+  run = Execution(attention="flash", attention_min_len=2048)
+  assert (ba.resolved_impl(run, 2047), ba.resolved_impl(run, 2048)) == ("xla", "flash")
+  record = ba.main(["--quick", "--seqs=32", "--modes=fwd+bwd", "--no-layer", "--max-temp-gib=0", "--repeats=1",
+                    "--warmup=0", "--host-memory=default", f"--out={tmp_path}"])
+  (cell,) = record["cells"]
+  for arm in ("default", "xla", "flash"):
+    assert cell["arms"][arm]["skipped"].startswith("skipped: ") and cell["arms"][arm]["temp_bytes"] > 0
+  assert cell["arms"]["hf"]["median_ms"] > 0
+  assert "| 32 | fwd+bwd | xla (block-causal, materialised) | xla | skipped: " in (tmp_path / "bench_attention.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_long_context_sections(tmp_path):
+  """The gpu_bench sections added for attention (prefill_32k, train_8k) in the CPU dry run: flash timed, every
+  other registered kernel a number or a one-line error (no CUDA here), the implementation recorded. The
+  other benches' dry run is tests/test_inference.py::test_gpu_bench_dry_run."""
+  from mixtral_jax.attention import ATTENTIONS
+  out = tmp_path / "gpu.json"
+  _run_script("experiments/gpu_bench.py", "--dry_run", "--repeats=1", "--only=prefill_32k,train_8k", f"--out={out}")
+  benches = json.loads(out.read_text())["benches"]
+  assert set(benches) == {"prefill_32k", "train_8k"}
+  names = [n for n in ("flash", "cudnn", "pallas_gpu") if n in ATTENTIONS]
+  for name, key in (("prefill_32k", "tok_s"), ("train_8k", "step_s")):
+    bench = benches[name]
+    assert "error" not in bench and list(bench["attentions"]) == names, bench
+    flash = bench["attentions"]["flash"]
+    assert flash[key] > 0 and flash["attention"] == "flash" and flash["compile_and_first_s"] > 0
+    for cell in bench["attentions"].values():
+      assert key in cell or ("error" in cell and "\n" not in cell["error"]), cell
+  assert benches["prefill_32k"]["tok_s"] > 0 and benches["prefill_32k"]["default_attention"] in ATTENTIONS
+  assert benches["train_8k"]["attentions"]["flash"]["remat"] == "full"
+  assert benches["train_8k"]["attentions"]["flash"]["of_measured_peak"] > 0
+
+
+def test_gpu_bench_long_context_cells_respect_the_time_budget(tmp_path):
+  from experiments import gpu_bench
+  result = gpu_bench.main(["--dry_run", "--only=prefill_32k", "--budget_s=0", f"--out={tmp_path / 'gpu.json'}"])
+  cells = result["benches"]["prefill_32k"]["attentions"]
+  assert cells and all(c["skipped"].startswith("time budget") for c in cells.values())

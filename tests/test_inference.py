@@ -144,7 +144,7 @@ def test_gpu_bench_dry_run(tmp_path):
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(out.read_text())
-  assert set(result["benches"]) == {"decode_bf16", "decode_int8", "prefill", "train_slice"}
+  assert set(result["benches"]) == {"decode_bf16", "decode_int8", "prefill", "train_slice", "prefill_32k", "train_8k"}
   for name, bench in result["benches"].items():
     assert "error" not in bench, (name, bench)
     assert bench.get("tok_s", bench.get("tokens_per_s")) > 0

@@ -227,33 +227,3 @@ def test_run_py_bad_config_is_one_line_error():
   assert "Traceback" not in out.stderr
 
 
-def _reference_attention(q, k, v, mask):
-  """Grouped-query attention written out head by head: q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S]."""
-  group = q.shape[2] // k.shape[2]
-  out = []
-  for head in range(q.shape[2]):
-    kh = head // group
-    scores = jnp.einsum("btd,bsd->bts", q[:, :, head], k[:, :, kh]) / np.sqrt(q.shape[-1])
-    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-    out.append(jnp.einsum("bts,bsd->btd", probs, v[:, :, kh]))
-  return jnp.stack(out, axis=2)
-
-
-@pytest.mark.parametrize("block", [3, 5, 64])
-@pytest.mark.parametrize("window", [None, 4])
-def test_block_causal_attention_is_exact(block, window):
-  """Packed documents, a sliding window, blocks that do and do not divide T: the blocked self-attention
-  equals attention over every key with the full mask."""
-  from mixtral_jax.model import layers
-  rng = np.random.default_rng(block)
-  b, t, h, kv, dh = 2, 11, 6, 2, 8
-  q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in
-             [(b, t, h, dh), (b, t, kv, dh), (b, t, kv, dh)])
-  segments = jnp.asarray([[1] * 6 + [2] * 5, [1] * 9 + [0] * 2])  # two documents; trailing padding
-  positions = jnp.asarray([list(range(6)) + list(range(5)), list(range(9)) + [0, 0]])
-  mask = layers.attention_mask(positions, positions, segments, segments, window)
-  got = layers.dot_product_attention(q, k, v, mask, causal_self=True, block=block)
-  real = np.asarray(segments > 0)
-  expected = _reference_attention(q, k, v, mask)
-  assert rel_err(np.asarray(got)[real], np.asarray(expected)[real]) <= 1e-6
-  assert rel_err(layers.dot_product_attention(q, k, v, mask), expected) <= 1e-6  # no blocks: same

@@ -1,19 +1,23 @@
-"""Dense building blocks: RMSNorm, rotary embeddings, masks and grouped-query attention.
+"""Dense building blocks: RMSNorm, rotary embeddings and the grouped-query attention layer.
+
+The attention functions themselves (masks, reference, flash, kernels) live in mixtral_jax/attention.
 
 Shapes: B batch, T query length, S key length (cache slots), D model width, H query heads, K kv heads,
 G = H // K query heads per kv head, Dh head dim.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import mixtral_jax.attention.api as attention_api
+
 # HF's initializer_range for Mixtral; also what random full-width benchmarks use.
 INIT_STD = 0.02
-_NEG_INF = jnp.finfo(jnp.float32).min  # finite: a fully masked row softmaxes to uniform, never NaN
 
 
 def normal_param(rngs: nnx.Rngs, shape, dtype, axes) -> nnx.Param:
@@ -62,59 +66,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return x * cos + rotated * sin
 
 
-def attention_mask(q_pos, k_pos, q_seg, k_seg, sliding_window: Optional[int]) -> jax.Array:
-  """Boolean [B, T, S]: causal by position, same segment, optional window.
-
-  Segment 0 marks padding / empty cache slots; real tokens use segments >= 1, so they never see those.
-  The window matches HF: key j is visible from query i when i - window < j <= i.
-  """
-  delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
-  mask = (delta >= 0) & (q_seg[:, :, None] == k_seg[:, None, :])
-  if sliding_window is not None:
-    mask &= delta < sliding_window
-  return mask
-
-
-def _attend(q, k, v, mask) -> jax.Array:
-  """q [B, K, G, T, Dh] (grouped by KV head), k/v [B, K, S, Dh], mask [B, T, S] -> [B, K, G, T, Dh].
-
-  Heads lead: each (b, kv-head) pair is one [G*T, Dh] @ [Dh, S] matmul on contiguous rows, which XLA:CPU
-  runs ~2x faster than the same einsum with heads between the sequence axes.
-  """
-  b, kv_heads, g, t, dh = q.shape
-  scores = jnp.einsum("bkmd,bksd->bkms", q.reshape(b, kv_heads, g * t, dh), k,
-                      preferred_element_type=jnp.float32) * (dh ** -0.5)  # [B, K, G*T, S]
-  scores = jnp.where(mask[:, None, None], scores.reshape(b, kv_heads, g, t, -1), _NEG_INF)  # [B, K, G, T, S]
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, g * t, -1)
-  return jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(b, kv_heads, g, t, dh)
-
-
-def dot_product_attention(q, k, v, mask, *, causal_self: bool = False, block: int = 128) -> jax.Array:
-  """Grouped-query attention. q [B, T, H, Dh], k/v [B, S, K, Dh], mask [B, T, S] -> [B, T, H, Dh].
-
-  causal_self: the keys are the queries' own tokens in the same order (no cache, or a fresh one). Then a
-  query never sees a later token of the sequence (HF's index-causal rule, ANDed with `mask`), and queries
-  run in blocks of `block` rows (Execution.causal_block) over only the keys up to their block's end: the
-  score matrices' upper blocks, all masked, are never computed (5/8 of the work at T = 4 blocks). Exact.
-  """
-  b, t, h, dh = q.shape
-  s, kv_heads = k.shape[1], k.shape[2]
-  q = q.reshape(b, t, kv_heads, h // kv_heads, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
-  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, Dh]
-  if causal_self:
-    assert s == t, (s, t)
-    index = jnp.arange(t)
-    mask = mask & (index[:, None] >= index[None, :])  # [B, T, S]
-  block = block if causal_self else t
-  outs = []
-  for start in range(0, t, block):  # one iteration unless causal_self and t > block
-    end = min(start + block, t)
-    keys = end if causal_self else s
-    outs.append(_attend(q[:, :, :, start:end], k[:, :, :keys], v[:, :, :keys], mask[:, start:end, :keys]))
-  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, T, Dh]
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
-
-
 class Attention(nnx.Module):
   """Grouped-query self-attention with rotary embeddings, explicit head_dim and an optional KV cache."""
 
@@ -129,14 +80,15 @@ class Attention(nnx.Module):
     self.sliding_window = sliding_window
     self.dtype = dtype
 
-  def __call__(self, x, positions, segment_ids, cache=None, *, causal_block: int = 128,
+  def __call__(self, x, positions, segment_ids, cache=None, *, attention: Optional[dict] = None,
                rope_identity: bool = False):
-    """x [B, T, D]; positions, segment_ids [B, T]. causal_block, rope_identity: execution tuning.
+    """x [B, T, D]; positions, segment_ids [B, T]. attention: keyword arguments of attention.attend
+    (impl, min_len, block, flash_block: the execution's choice); rope_identity: execution tuning.
 
-    cache: None, or (k [B, S, K, Dh], v [B, S, K, Dh], k_pos [B, S], k_seg [B, S], old_pos [B, S],
-    old_seg [B, S], slots [T], fresh) where k_pos/k_seg already describe the cache *after* this step's
-    write, old_pos/old_seg before it, `slots` are the slots written and `fresh` (a Python bool) says
-    the cache held nothing before this call.
+    cache: None, or (k [B, K, S, Dh], v [B, K, S, Dh] (heads-major: a decode step reads each head's keys
+    where they lie), k_pos [B, S], k_seg [B, S], old_pos [B, S], old_seg [B, S], slots [T], fresh) where
+    k_pos/k_seg already describe the cache *after* this step's write, old_pos/old_seg before it, `slots`
+    are the slots written and `fresh` (a Python bool) says the cache held nothing before this call.
     Returns (y [B, T, D], (k, v) updated cache or None).
     """
     dt = self.dtype
@@ -146,35 +98,36 @@ class Attention(nnx.Module):
     v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))  # [B, T, K, Dh]
     cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, identity=rope_identity)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    attend = functools.partial(attention_api.attend, window=self.sliding_window, **(attention or {}))
+    heads_major = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  [B, S, K, Dh] <-> [B, K, S, Dh]
 
     if cache is None:
-      mask = attention_mask(positions, positions, segment_ids, segment_ids, self.sliding_window)
-      out = dot_product_attention(q, k, v, mask, causal_self=True, block=causal_block)
+      out = attend(q, k, v, positions, positions, segment_ids, segment_ids, causal_self=True)
       new_cache = None
     else:
       k_cache, v_cache, k_pos, k_seg, old_pos, old_seg, slots, fresh = cache
       if q.shape[1] == 1:
         # Decode: write first, then attend over the cache (a rolling cache of `window` slots loses only
-        # the key that just left the window).
-        k_cache = k_cache.at[:, slots].set(k.astype(k_cache.dtype))
-        v_cache = v_cache.at[:, slots].set(v.astype(v_cache.dtype))
-        mask = attention_mask(positions, k_pos, segment_ids, k_seg, self.sliding_window)
-        out = dot_product_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask)
+        # the key that just left the window). The transposes cancel the reference's own: the cache is
+        # read once, in place.
+        k_cache = k_cache.at[:, :, slots].set(heads_major(k).astype(k_cache.dtype))
+        v_cache = v_cache.at[:, :, slots].set(heads_major(v).astype(v_cache.dtype))
+        out = attend(q, heads_major(k_cache.astype(dt)), heads_major(v_cache.astype(dt)), positions, k_pos,
+                     segment_ids, k_seg, causal_self=False)
       else:
         # Prefill / chunk: attend over [old cache ; new keys], then write. Correct even when a rolling
         # cache is shorter than the chunk, where writing first would overwrite keys still in the window.
         # A fresh cache holds nothing: the new keys alone are attended over.
         keys, values, key_pos, key_seg = k, v, positions, segment_ids
         if not fresh:
-          keys = jnp.concatenate([k_cache.astype(dt), k], axis=1)  # [B, S + T, K, Dh]
-          values = jnp.concatenate([v_cache.astype(dt), v], axis=1)
+          keys = jnp.concatenate([heads_major(k_cache.astype(dt)), k], axis=1)  # [B, S + T, K, Dh]
+          values = jnp.concatenate([heads_major(v_cache.astype(dt)), v], axis=1)
           key_pos = jnp.concatenate([old_pos, positions], axis=1)  # [B, S + T]
           key_seg = jnp.concatenate([old_seg, segment_ids], axis=1)
-        mask = attention_mask(positions, key_pos, segment_ids, key_seg, self.sliding_window)
-        out = dot_product_attention(q, keys, values, mask, causal_self=fresh, block=causal_block)
+        out = attend(q, keys, values, positions, key_pos, segment_ids, key_seg, causal_self=fresh)
         keep = slots.shape[0]  # the last min(T, S) tokens are the ones a cache of S slots can hold
-        k_cache = k_cache.at[:, slots].set(k[:, -keep:].astype(k_cache.dtype))
-        v_cache = v_cache.at[:, slots].set(v[:, -keep:].astype(v_cache.dtype))
+        k_cache = k_cache.at[:, :, slots].set(heads_major(k[:, -keep:]).astype(k_cache.dtype))
+        v_cache = v_cache.at[:, :, slots].set(heads_major(v[:, -keep:]).astype(v_cache.dtype))
       new_cache = (k_cache, v_cache)
     y = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))  # [B, T, D]
     return y, new_cache

@@ -40,8 +40,8 @@ class KVCache:
   index % S. `fresh` (static) marks a cache nothing was written to yet (KVCache.init): its prefill
   attends over the new tokens alone instead of [empty slots ; new tokens].
   """
-  k: jax.Array      # [L, B, S, K, Dh]
-  v: jax.Array      # [L, B, S, K, Dh]
+  k: jax.Array      # [L, B, K, S, Dh] heads-major: a decode step reads each head's keys in place
+  v: jax.Array      # [L, B, K, S, Dh]
   pos: jax.Array    # [B, S] int32
   seg: jax.Array    # [B, S] int32
   index: jax.Array  # [] int32
@@ -50,7 +50,7 @@ class KVCache:
   @classmethod
   def init(cls, config: ModelConfig, batch: int, size: int, dtype=None) -> "KVCache":
     """dtype: the model's compute dtype (`model.dtype`); default the parameters' dtype."""
-    shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch, config.num_kv_heads, size, config.head_dim)
     dtype = dtype or config.jnp_param_dtype
     return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                pos=jnp.zeros((batch, size), jnp.int32), seg=jnp.zeros((batch, size), jnp.int32),
@@ -58,7 +58,7 @@ class KVCache:
 
   @property
   def size(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 @struct.dataclass
@@ -107,7 +107,7 @@ def output_head(final_norm, lm_head, x, dtype):
 
 
 def advance_cache(cache: KVCache, k, v, slot_update, t: int) -> KVCache:
-  """The cache after t new tokens: the layers' new keys/values k, v [L, B, S, K, Dh] and the slot
+  """The cache after t new tokens: the layers' new keys/values k, v [L, B, K, S, Dh] and the slot
   update from prepare_inputs."""
   return KVCache(k=k, v=v, pos=slot_update[0], seg=slot_update[1], index=cache.index + t)
 
@@ -126,13 +126,19 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x, positions, segment_ids, *, run: Execution, dispatch: str, cache=None, token_ids=None,
                train=False, key=None):
-    h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, causal_block=run.causal_block,
+    h, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, attention=attention_options(run),
                              rope_identity=run.rope_identity == "on")
     h = x + h.astype(x.dtype)
     y, route, stats = self.moe(self.ffn_norm(h), dispatch=dispatch, token_ids=token_ids, train=train, key=key,
                                capacity_factor=run.capacity_factor, grouped_matmul=run.grouped_matmul,
                                loop_block=run.loop_block)
     return h + y.astype(h.dtype), route, stats, new_cache
+
+
+def attention_options(run: Execution) -> dict:
+  """The execution's attention choice as keyword arguments of mixtral_jax.attention.attend."""
+  return dict(impl=run.attention, min_len=run.attention_min_len, block=run.causal_block,
+              flash_block=run.flash_block)
 
 
 def phase_of(train: bool, cache: Optional[KVCache], num_tokens: int) -> str:
