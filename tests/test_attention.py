@@ -211,3 +211,25 @@ def test_long_sequence_memory_is_linear():
   for backward in (False, True):
     short, long = (_temp_mib(cfg, run, t, backward) for t in (4096, 32768))
     assert long <= 12 * short and long < 1024, (backward, short, long)
+
+
+@pytest.mark.slow
+def test_long_context_config_trains_a_tiny_model_at_16k(tmp_path):
+  """configs/long_context.py:size=tiny through run.py: packed 16,384-token rows of the stdlib corpus (byte
+  tokens, documents of ~4,000 characters: flash skips the blocks other documents own), remat full, a few
+  steps; the held-out loss falls."""
+  import re
+  import subprocess
+  import sys
+  out = subprocess.run([sys.executable, "run.py", "--config=configs/long_context.py:size=tiny,seq=16384,steps=3,batch=1",
+                        f"--workdir={tmp_path}", "--config.data.tokenizer=bytes", "--config.model.vocab_size=259",
+                        "--config.model.num_layers=2", "--config.data.chunk_chars=4000",
+                        "--config.train.learning_rate=1e-2", "--config.logging.wandb=disabled",
+                        "--config.logging.plot=False", "--config.logging.progress=False"],
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "steps 0..3 of 1 x 16384 tokens" in out.stdout, out.stdout
+  found = re.search(r"held-out perplexity: ([\d,.]+) at step 0 -> ([\d,.]+) at step 3", out.stdout)
+  assert found, out.stdout
+  start, end = (float(x.replace(",", "")) for x in found.groups())
+  assert end < start, found.group(0)

@@ -65,6 +65,21 @@ def _visible_blocks(qs, ks, window: Optional[int], causal_self: bool, bq: int, b
   return pred
 
 
+def _full_blocks(qs, ks, window: Optional[int], causal_self: bool, bq: int, bk: int) -> jax.Array:
+  """Bool [nq, nk]: in every batch row, every query of block i sees every key of block j (no mask needed:
+  whole blocks of one segment, every key before every query and inside the window)."""
+  qpmin, qpmax, qsmin, qsmax, _ = (a[:, :, None] for a in qs)  # [B, nq, 1]
+  kpmin, kpmax, ksmin, ksmax, _ = (a[:, None, :] for a in ks)  # [B, 1, nk]
+  full = (qsmin == qsmax) & (ksmin == ksmax) & (qsmin == ksmin) & (kpmax <= qpmin)  # [B, nq, nk]
+  if window is not None:
+    full &= kpmin > qpmax - window
+  full = jnp.all(full, axis=0)
+  if causal_self:
+    i, j = np.arange(full.shape[0])[:, None], np.arange(full.shape[1])[None, :]
+    full &= jnp.asarray((j + 1) * bk - 1 <= i * bq)
+  return full
+
+
 def _ranges(pred: jax.Array):
   """First and one-past-last true index of each row of pred [n, m] (0, 0 for an all-false row)."""
   m = pred.shape[1]
@@ -99,8 +114,10 @@ class _Layout:
     self.kp, self.ksg = _blocks(k_pos, self.bk, 0), _blocks(k_seg, self.bk, _PAD_K_SEG)  # [nk, B, bk]
     qvalid, kvalid = _blocks(ones_q, self.bq, False), _blocks(ones_k, self.bk, False)
     self.nq, self.nk = self.qp.shape[0], self.kp.shape[0]
-    self.pred = _visible_blocks(_block_stats(self.qp, self.qsg, qvalid), _block_stats(self.kp, self.ksg, kvalid),
-                                window, causal_self, self.bq, self.bk)  # [nq, nk]
+    qstats, kstats = _block_stats(self.qp, self.qsg, qvalid), _block_stats(self.kp, self.ksg, kvalid)
+    # Padded rows (segment -2 / -1) make a block's segment range mixed, so a padded block is never full.
+    self.pred = _visible_blocks(qstats, kstats, window, causal_self, self.bq, self.bk)  # [nq, nk]
+    self.full = _full_blocks(qstats, kstats, window, causal_self, self.bq, self.bk) & self.pred
 
   def q_blocks(self, x):  # [B, T, H, Dh] -> [nq, B, K, M, Dh]
     xb = _blocks(x, self.bq, 0)  # [nq, B, bq, H, Dh]
@@ -128,36 +145,46 @@ class _Layout:
     m = _block_mask(self.qp[i], self.kp[j], self.qsg[i], self.ksg[j], qi, ki, self.window, self.causal_self)
     return m[:, None, None]
 
-  def scores(self, qb, kb, i, j, scale):
-    """Masked scores [B, K, G, bq, bk] float32 and the mask."""
-    s = jnp.einsum("bkmd,bknd->bkmn", qb, kb, preferred_element_type=jnp.float32) * scale  # [B, K, M, bk]
+  def scores(self, qb, kb, i, j, masked: bool):
+    """Scores [B, K, G, bq, bk] float32 (qb already scaled), masked unless the block is full, and the mask
+    (None for a full block)."""
+    s = jnp.einsum("bkmd,bknd->bkmn", qb, kb, preferred_element_type=jnp.float32)  # [B, K, M, bk]
     s = s.reshape(self.b, self.kvh, self.g, self.bq, self.bk)
+    if not masked:
+      return s, None
     mask = self.mask(i, j)
     return jnp.where(mask, s, _NEG), mask
+
+  def visit(self, i, j, fn, *args):
+    """fn(masked, *args) for block pair (i, j): the unmasked variant for full blocks; `skip(*args)`-style
+    identity where nothing is visible is the caller's (pred)."""
+    return jax.lax.cond(self.full[i, j], functools.partial(fn, False), functools.partial(fn, True), *args)
 
 
 def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal_self, block_q, block_k):
   """(out [B, T, H, Dh], lse [nq, B, K, M] float32, layout)."""
   lay = _Layout(q, k, q_pos, k_pos, q_seg, k_seg, window, causal_self, block_q, block_k)
-  scale = lay.dh ** -0.5
-  qb, kb, vb = lay.q_blocks(q), lay.kv_blocks(k), lay.kv_blocks(v)
+  qb = (lay.q_blocks(q) * lay.dh ** -0.5).astype(q.dtype)  # [nq, B, K, M, Dh], scaled once
+  kb, vb = lay.kv_blocks(k), lay.kv_blocks(v)
   lo, hi = _ranges(lay.pred)
   rows = (lay.b, lay.kvh, lay.g, lay.bq)
 
   def q_block(_, xs):
     i, qi = xs
 
+    def update(masked, acc, m, l, j):  # acc [B, K, G, bq, Dh] f32, m / l [B, K, G, bq] f32
+      s, mask = lay.scores(qi, kb[j], i, j, masked)
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      p = jnp.exp(s - m_new[..., None])  # [B, K, G, bq, bk]
+      if masked:  # a row with nothing visible yet has m_new = _NEG and exp(0) = 1 where masked
+        p = jnp.where(mask, p, 0.0)
+      corr = jnp.exp(m - m_new)
+      pv = jnp.einsum("bkmn,bknd->bkmd", p.reshape(*rows[:2], -1, lay.bk).astype(v.dtype), vb[j],
+                      preferred_element_type=jnp.float32).reshape(*rows, lay.dh)
+      return acc * corr[..., None] + pv, m_new, l * corr + jnp.sum(p, axis=-1)
+
     def kv_step(j, carry):
-      def visit(carry):
-        acc, m, l = carry  # [B, K, G, bq, Dh] f32, [B, K, G, bq] f32 x2
-        s, mask = lay.scores(qi, kb[j], i, j, scale)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # [B, K, G, bq, bk]
-        corr = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkmn,bknd->bkmd", p.reshape(*rows[:2], -1, lay.bk).astype(v.dtype), vb[j],
-                        preferred_element_type=jnp.float32).reshape(*rows, lay.dh)
-        return acc * corr[..., None] + pv, m_new, l * corr + jnp.sum(p, axis=-1)
-      return jax.lax.cond(lay.pred[i, j], visit, lambda c: c, carry)
+      return jax.lax.cond(lay.pred[i, j], lambda c: lay.visit(i, j, update, *c, j), lambda c: c, carry)
 
     init = (jnp.zeros((*rows, lay.dh), jnp.float32), jnp.full(rows, _NEG, jnp.float32), jnp.zeros(rows, jnp.float32))
     acc, m, l = jax.lax.fori_loop(lo[i], hi[i], kv_step, init)
@@ -173,7 +200,8 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal_self, block_q, 
 def _backward(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, dout, window, causal_self, block_q, block_k):
   lay = _Layout(q, k, q_pos, k_pos, q_seg, k_seg, window, causal_self, block_q, block_k)
   scale = lay.dh ** -0.5
-  qb, kb, vb, dob = lay.q_blocks(q), lay.kv_blocks(k), lay.kv_blocks(v), lay.q_blocks(dout)
+  qb = (lay.q_blocks(q) * scale).astype(q.dtype)  # [nq, B, K, M, Dh], scaled as in the forward
+  kb, vb, dob = lay.kv_blocks(k), lay.kv_blocks(v), lay.q_blocks(dout)
   delta = jnp.sum(lay.q_blocks(out).astype(jnp.float32) * dob.astype(jnp.float32), axis=-1)  # [nq, B, K, M]
   lo, hi = _ranges(lay.pred.T)  # per key block: the query blocks that see it
   m_rows = lay.g * lay.bq
@@ -181,22 +209,25 @@ def _backward(q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse, dout, window, causa
   def kv_block(dq, xs):
     j, kj, vj = xs
 
+    def update(masked, dk, dv, i):  # this pair's terms; dk / dv [B, K, bk, Dh] f32
+      s, mask = lay.scores(qb[i], kj, i, j, masked)
+      p = jnp.exp(s - lse[i].reshape(s.shape[:-1])[..., None])
+      if masked:
+        p = jnp.where(mask, p, 0.0)
+      p = p.reshape(lay.b, lay.kvh, m_rows, lay.bk)  # [B, K, M, bk]
+      dv = dv + jnp.einsum("bkmn,bkmd->bknd", p.astype(v.dtype), dob[i], preferred_element_type=jnp.float32)
+      dp = jnp.einsum("bkmd,bknd->bkmn", dob[i], vj, preferred_element_type=jnp.float32)
+      ds = (p * (dp - delta[i][..., None])).astype(q.dtype)  # [B, K, M, bk]
+      dqi = jnp.einsum("bkmn,bknd->bkmd", ds, kj, preferred_element_type=jnp.float32) * scale  # [B, K, M, Dh]
+      dk = dk + jnp.einsum("bkmn,bkmd->bknd", ds, qb[i], preferred_element_type=jnp.float32)
+      return dqi, dk, dv
+
     def q_step(i, carry):
-      # The cond carries only this block's terms: the [nq, ...] dq accumulator stays outside it (a cond
+      # The conds carry only this pair's terms: the [nq, ...] dq accumulator stays outside them (a cond
       # over it would copy it on every step).
-      def visit(dk, dv):
-        s, mask = lay.scores(qb[i], kj, i, j, scale)
-        p = jnp.where(mask, jnp.exp(s - lse[i].reshape(s.shape[:-1])[..., None]), 0.0)
-        p = p.reshape(lay.b, lay.kvh, m_rows, lay.bk)  # [B, K, M, bk]
-        dv = dv + jnp.einsum("bkmn,bkmd->bknd", p.astype(v.dtype), dob[i], preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bkmd,bknd->bkmn", dob[i], vj, preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[i][..., None]) * scale).astype(q.dtype)  # [B, K, M, bk]
-        dqi = jnp.einsum("bkmn,bknd->bkmd", ds, kj, preferred_element_type=jnp.float32)  # [B, K, M, Dh]
-        dk = dk + jnp.einsum("bkmn,bkmd->bknd", ds, qb[i], preferred_element_type=jnp.float32)
-        return dqi, dk, dv
       dq, dk, dv = carry
       skip = lambda dk, dv: (jnp.zeros(dq.shape[1:], dq.dtype), dk, dv)  # noqa: E731
-      dqi, dk, dv = jax.lax.cond(lay.pred[i, j], visit, skip, dk, dv)
+      dqi, dk, dv = jax.lax.cond(lay.pred[i, j], lambda dk, dv: lay.visit(i, j, update, dk, dv, i), skip, dk, dv)
       return dq.at[i].add(dqi), dk, dv
 
     zeros = jnp.zeros((lay.b, lay.kvh, lay.bk, lay.dh), jnp.float32)

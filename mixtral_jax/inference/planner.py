@@ -8,8 +8,10 @@ Counts, in bytes:
   kv_cache     2 (K and V) x layers x batch x slots x kv_heads x head_dim x dtype, slots = context
                (or sliding_window when smaller: the rolling cache);
   activations  the peak of one prefill chunk of `chunk` tokens through one layer (hidden states, q/k/v,
-               float32 attention scores and probabilities over the cache, the routed expert
-               activations of `sparse` dispatch) plus float32 last-position logits; decode's are smaller.
+               attention's float32 scores and probabilities: over the whole [cache slots ; chunk] below
+               the accelerators' attention_min_len (execution.BACKENDS), one flash block per head
+               from there on, the routed expert activations of `sparse` dispatch) plus float32
+               last-position logits; decode's are smaller.
 A device "fits" when the total is within `usable` (default 90%) of its memory: the rest is the runtime,
 XLA's workspace and fragmentation.
 """
@@ -20,6 +22,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 from mixtral_jax.config import ModelConfig
+from mixtral_jax.execution import BACKENDS
 from mixtral_jax.inference.quant import LEVELS, QuantError, bits_per_weight
 
 DEVICES_GB = {"24GB (RTX 4090 / L4)": 24, "48GB (L40S / A6000)": 48, "80GB (A100 / H100)": 80,
@@ -34,6 +37,16 @@ def parameter_groups(cfg: ModelConfig) -> dict:
   experts = 3 * d * cfg.ffn_dim * (cfg.num_experts + cfg.num_shared_experts)
   other = 2 * cfg.vocab_size * d + d + l * (2 * d + d * cfg.num_experts)
   return {"quantizable": l * (attn + experts), "other": other}
+
+
+def attention_bytes(cfg: ModelConfig, batch: int, t: int, keys: int, backend: str = "gpu") -> int:
+  """Float32 scores and probabilities of one layer's attention for t queries over `keys` keys: the whole
+  matrix for xla attention (keys below the backend's attention_min_len), one block per head for flash."""
+  d = BACKENDS[backend]
+  if keys < d["attention_min_len"]:
+    return 2 * batch * cfg.num_heads * t * keys * 4
+  block = d["flash_block"]
+  return 2 * batch * cfg.num_heads * min(t, block) * min(keys, block) * 4
 
 
 def plan(cfg: ModelConfig, *, quant: Optional[str] = None, batch: int = 1, context: int = 4096,
@@ -54,7 +67,7 @@ def plan(cfg: ModelConfig, *, quant: Optional[str] = None, batch: int = 1, conte
   n = batch * t
   hidden = 4 * n * cfg.dim * abytes                                        # residual, normed, attn out, moe out
   qkv = n * cfg.head_dim * (cfg.num_heads + 2 * cfg.num_kv_heads) * abytes
-  scores = 2 * batch * cfg.num_heads * t * (slots + t) * 4  # float32, over [cache slots ; chunk]
+  scores = attention_bytes(cfg, batch, t, keys=t if context <= t else slots + t)
   moe = 3 * n * cfg.top_k * cfg.ffn_dim * abytes + n * cfg.num_experts * 4 * 3
   logits = batch * cfg.vocab_size * 4
   activations = hidden + qkv + max(scores, moe) + logits

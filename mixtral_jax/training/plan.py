@@ -136,9 +136,11 @@ def activation_bytes(cfg: ModelConfig, run, batch: int, seq_len: int) -> tuple[i
 
 def plan(cfg: ModelConfig, mesh_cfg: sharding.MeshConfig, *, hardware: str, batch_size: int, seq_len: int,
          lora_rank: int = 16, headroom: float = 0.9, run=None) -> Plan:
-  """run: the execution to plan for (remat, train dispatch, compute dtype); default the training one."""
+  """run: the execution to plan for (remat, train dispatch, compute dtype, attention); "auto" fields take
+  the hardware's backend defaults (execution.BACKENDS: gpu / tpu), not this machine's."""
   from mixtral_jax.execution import resolve
-  run = resolve(run, purpose="train", param_dtype=cfg.param_dtype)
+  backend = "tpu" if hardware.startswith("tpu") else "gpu"
+  run = resolve(run, purpose="train", param_dtype=cfg.param_dtype, backend=backend)
   compute = jnp.dtype(run.dtype)
   if hardware not in HARDWARE:
     raise ConfigError(f"config.plan.hardware={hardware!r} is unknown; known: {', '.join(HARDWARE)}")
@@ -153,6 +155,9 @@ def plan(cfg: ModelConfig, mesh_cfg: sharding.MeshConfig, *, hardware: str, batc
   per_device = batch_size // token_shards
   saved, layer = activation_bytes(cfg, run, per_device, seq_len)
   notes = []
+  if seq_len >= run.attention_min_len:
+    notes.append(f"attention: {run.attention} (from {run.attention_min_len} keys; blocks of {run.flash_block}): "
+                 f"saves q, k, v, the output and one float per query row, never the [T, T] scores")
   if run.train_dispatch == "ep_dropless" and shape["expert"] > 1:
     # Static shapes: each device's receive buffer holds the worst case (all peers' rows).
     rows = per_device * seq_len * cfg.top_k * (shape["expert"] - 1)
