@@ -66,3 +66,26 @@ def dot_product_attention(q, k, v, mask, *, causal_self: bool = False, block: in
     outs.append(_attend(q[:, :, :, start:end], k[:, :, :keys], v[:, :, :keys], mask[:, start:end, :keys]))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, K, G, T, Dh]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
+def decode_attention(q, k, v, k_cache, v_cache, q_pos, k_pos, q_seg, k_seg, window: Optional[int]) -> jax.Array:
+  """One decode step: q, k, v [B, 1, H|K, Dh] (the new token), a heads-major cache k_cache/v_cache
+  [B, K, S, Dh] *before* the new token is written, described by k_pos/k_seg [B, S] -> [B, 1, H, Dh].
+
+  Attends over [cache ; new token], which equals attending over the cache after the write (the slot the
+  token goes to holds nothing visible: empty, or in a rolling cache the key that leaves the window). The
+  cache is read where it lies, [G, Dh] @ [Dh, S] per (batch row, kv head), and nothing here depends on the
+  write: XLA updates the slot in place afterwards instead of copying the cache to give the read its own.
+  """
+  b, t, h, dh = q.shape
+  kv_heads = k_cache.shape[1]
+  g = h // kv_heads
+  qg = q.reshape(b, kv_heads, g, dh)  # [B, K, G, Dh] (t = 1)
+  cached = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache, preferred_element_type=jnp.float32)  # [B, K, G, S]
+  mask = attention_mask(q_pos, k_pos, q_seg, k_seg, window)  # [B, 1, S]
+  cached = jnp.where(mask[:, None], cached * dh ** -0.5, _NEG_INF)  # [B, K, G, S]
+  own = jnp.einsum("bkgd,bkd->bkg", qg, k.reshape(b, kv_heads, dh),
+                   preferred_element_type=jnp.float32)[..., None] * dh ** -0.5  # [B, K, G, 1]: always visible
+  probs = jax.nn.softmax(jnp.concatenate([cached, own], axis=-1), axis=-1).astype(v.dtype)  # [B, K, G, S + 1]
+  out = jnp.einsum("bkgs,bksd->bkgd", probs[..., :-1], v_cache) + probs[..., -1:] * v.reshape(b, kv_heads, 1, dh)
+  return out.reshape(b, t, h, dh)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import mixtral_jax.attention.api as attention_api
+import mixtral_jax.attention.reference as attention_reference
 
 # HF's initializer_range for Mixtral; also what random full-width benchmarks use.
 INIT_STD = 0.02
@@ -107,13 +108,18 @@ class Attention(nnx.Module):
     else:
       k_cache, v_cache, k_pos, k_seg, old_pos, old_seg, slots, fresh = cache
       if q.shape[1] == 1:
-        # Decode: write first, then attend over the cache (a rolling cache of `window` slots loses only
-        # the key that just left the window). The transposes cancel the reference's own: the cache is
-        # read once, in place.
-        k_cache = k_cache.at[:, :, slots].set(heads_major(k).astype(k_cache.dtype))
-        v_cache = v_cache.at[:, :, slots].set(heads_major(v).astype(v_cache.dtype))
-        out = attend(q, heads_major(k_cache.astype(dt)), heads_major(v_cache.astype(dt)), positions, k_pos,
-                     segment_ids, k_seg, causal_self=False)
+        # Decode: attend over [cache before the write ; the new token] (equal to the cache after it: the
+        # slot written holds nothing visible), then write the slot. Nothing reads the written cache, so
+        # XLA updates it in place and reads the cache once.
+        out = attention_reference.decode_attention(q, k, v, k_cache.astype(dt), v_cache.astype(dt), positions,
+                                                   old_pos, segment_ids, old_seg, self.sliding_window)
+        slot = slots[0]
+        # A data dependency (exact: adds 0) so the write is scheduled after the read. Otherwise XLA:CPU may
+        # write first and copy the cache to keep the old keys for the read (2.8x slower at 32k).
+        after = out[:, :, :1, :1].astype(k.dtype) * 0  # [B, 1, 1, 1]
+        k, v = k + after, v + after
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, heads_major(k).astype(k_cache.dtype), slot, 2)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, heads_major(v).astype(v_cache.dtype), slot, 2)
       else:
         # Prefill / chunk: attend over [old cache ; new keys], then write. Correct even when a rolling
         # cache is shorter than the chunk, where writing first would overwrite keys still in the window.

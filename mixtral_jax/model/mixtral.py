@@ -36,29 +36,38 @@ REMAT = {
 class KVCache:
   """Preallocated keys/values for all layers. S slots; a sliding-window model may use S = window (rolling).
 
+  k/v: one [L, B, K, S, Dh] array (the stacked layout scans over it), or, `per_layer`, a tuple of L
+  [B, K, S, Dh] buffers (the unstacked layout: each layer writes its slot and reads its keys in place; a
+  slice of one stacked array would be copied out and back every step). Heads-major: a decode step reads
+  each head's keys where they lie.
   pos/seg describe each slot (seg 0 = empty); `index` counts tokens written so far, the next slot is
   index % S. `fresh` (static) marks a cache nothing was written to yet (KVCache.init): its prefill
   attends over the new tokens alone instead of [empty slots ; new tokens].
   """
-  k: jax.Array      # [L, B, K, S, Dh] heads-major: a decode step reads each head's keys in place
-  v: jax.Array      # [L, B, K, S, Dh]
+  k: Any            # [L, B, K, S, Dh] or L x [B, K, S, Dh]
+  v: Any
   pos: jax.Array    # [B, S] int32
   seg: jax.Array    # [B, S] int32
   index: jax.Array  # [] int32
   fresh: bool = struct.field(pytree_node=False, default=False)
 
   @classmethod
-  def init(cls, config: ModelConfig, batch: int, size: int, dtype=None) -> "KVCache":
-    """dtype: the model's compute dtype (`model.dtype`); default the parameters' dtype."""
-    shape = (config.num_layers, batch, config.num_kv_heads, size, config.head_dim)
+  def init(cls, config: ModelConfig, batch: int, size: int, dtype=None, *, per_layer: bool = False) -> "KVCache":
+    """dtype: the model's compute dtype (`model.dtype`); default the parameters' dtype. per_layer: one
+    buffer per layer (what the unstacked layout reads in place; sampling picks it from the model)."""
+    shape = (batch, config.num_kv_heads, size, config.head_dim)
     dtype = dtype or config.jnp_param_dtype
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               pos=jnp.zeros((batch, size), jnp.int32), seg=jnp.zeros((batch, size), jnp.int32),
+    if per_layer:
+      k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+      v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    else:
+      k, v = jnp.zeros((config.num_layers, *shape), dtype), jnp.zeros((config.num_layers, *shape), dtype)
+    return cls(k=k, v=v, pos=jnp.zeros((batch, size), jnp.int32), seg=jnp.zeros((batch, size), jnp.int32),
                index=jnp.zeros((), jnp.int32), fresh=True)
 
   @property
   def size(self) -> int:
-    return self.k.shape[3]
+    return self.k[0].shape[2]
 
 
 @struct.dataclass
@@ -107,7 +116,7 @@ def output_head(final_norm, lm_head, x, dtype):
 
 
 def advance_cache(cache: KVCache, k, v, slot_update, t: int) -> KVCache:
-  """The cache after t new tokens: the layers' new keys/values k, v [L, B, K, S, Dh] and the slot
+  """The cache after t new tokens: the layers' new keys/values k, v (as in KVCache) and the slot
   update from prepare_inputs."""
   return KVCache(k=k, v=v, pos=slot_update[0], seg=slot_update[1], index=cache.index + t)
 
@@ -208,19 +217,29 @@ class Mixtral(nnx.Module):
     if run.remat != "none":
       body = jax.checkpoint(body, policy=REMAT[run.remat], prevent_cse=not stacked)
     kv = None if cache is None else (cache.k, cache.v)
+    per_layer = kv is not None and isinstance(kv[0], tuple)
     if stacked:
+      kv = (jnp.stack(kv[0]), jnp.stack(kv[1])) if per_layer else kv
       x, (route, stats, new_kv) = jax.lax.scan(body, x, (layer_state, kv, keys))
+      new_kv = (tuple(new_kv[0]), tuple(new_kv[1])) if per_layer else new_kv
     else:
-      outs = []
-      k_all, v_all = kv if kv is not None else (None, None)
+      outs, new_k, new_v = [], [], []
       for i, layer in enumerate(self.layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
         x, (r, st, nkv) = body(x, (layer, layer_kv, None if keys is None else keys[i]))
-        if kv is not None:  # in-place updates of the stacked cache (no [L, ...] re-stack)
-          k_all, v_all = k_all.at[i].set(nkv[0]), v_all.at[i].set(nkv[1])
+        if kv is not None:
+          new_k.append(nkv[0])
+          new_v.append(nkv[1])
         outs.append((r, st))
       route, stats = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-      new_kv = None if kv is None else (k_all, v_all)
+      new_kv = None
+      if kv is not None and per_layer:
+        new_kv = (tuple(new_k), tuple(new_v))
+      elif kv is not None:  # in-place updates of the stacked cache (no [L, ...] re-stack)
+        k_all, v_all = kv
+        for i, (k, v) in enumerate(zip(new_k, new_v)):
+          k_all, v_all = k_all.at[i].set(k), v_all.at[i].set(v)
+        new_kv = (k_all, v_all)
 
     hidden, logits = output_head(self.final_norm, self.lm_head[...], x, self.dtype)
     logits = constrain(logits, ("batch", "seq", "act_vocab"))
