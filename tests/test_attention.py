@@ -73,10 +73,9 @@ def _check_equal(fn, q, k, v, mask, tol=1e-5):
     assert rel_err(g, e) <= tol, name
 
 
-@pytest.mark.parametrize("impl", ["flash", "xla"])
+@pytest.mark.parametrize("impl,block", [("flash", 8), ("flash", 16), ("xla", 8)])
 @pytest.mark.parametrize("kind", ["plain", "packed", "left_pad"])
 @pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("block", [8, 16])
 def test_self_attention_every_mask(impl, kind, window, block):
   """Self-attention (no cache): GQA 6/2 heads, causal order, packed documents, left padding and a sliding
   window, blocks that do not divide T=45: values and gradients equal the reference (fp32, 1e-5)."""
@@ -109,6 +108,17 @@ def test_attention_over_a_cache(impl, window, t):
   assert bool(jnp.all(jnp.any(mask, axis=-1))), "every query sees a key"
   fn = lambda q, k, v: ATTENTIONS.get(impl)(q, k, v, args[0], args[1], args[2], args[3], window=window,  # noqa: E731
                                             causal_self=False, block=16)
+  _check_equal(fn, q, k, v, mask)
+
+
+def test_flash_padded_key_block_that_is_fully_visible():
+  """20 keys in blocks of 16, every key visible from every query: the last key block is padded and must
+  still be masked (its padding is not a key)."""
+  q, k, v = _qkv(np.random.default_rng(4), 2, 3, 20, 4, 2, 8)
+  q_pos, k_pos = jnp.full((2, 3), 100, jnp.int32), jnp.broadcast_to(jnp.arange(20, dtype=jnp.int32), (2, 20))
+  q_seg, k_seg = jnp.ones((2, 3), jnp.int32), jnp.ones((2, 20), jnp.int32)
+  mask = attention_mask(q_pos, k_pos, q_seg, k_seg, None)
+  fn = lambda q, k, v: flash_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q=16, block_k=16)  # noqa: E731
   _check_equal(fn, q, k, v, mask)
 
 

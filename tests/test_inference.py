@@ -67,6 +67,7 @@ def test_unstacked_model_equals_stacked():
   np.testing.assert_array_equal(sampling.generate(fast, prompts, 5), dense.tokens)
 
 
+@pytest.mark.slow
 def test_quantized_unstacked_decode_matches_quantized_stacked():
   cfg = tiny_config(num_layers=1, dim=48, head_dim=16, ffn_dim=64)
   q = quant.quantize_model(build(cfg, seed=4, execution=DENSE_STACKED), "q8")

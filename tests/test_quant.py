@@ -51,6 +51,7 @@ def test_levels_are_ordered_by_error_and_bytes():
   assert errs == sorted(errs) and sizes == sorted(sizes, reverse=True)
 
 
+@pytest.mark.slow
 def test_quantized_model_runs_everywhere_the_float_one_does():
   """Odd sizes (D=40, Dh=12: padded groups) through the forward pass and byte accounting (generation
   with quantized weights: test_inference.py)."""

@@ -286,6 +286,7 @@ def test_model_trains_with_router(name, dispatch):
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(nnx.state(grads, nnx.Param)))
 
 
+@pytest.mark.slow
 def test_update_aux_free_bias_is_per_layer_in_every_layout():
   """The in-place helper gives each layer its own routing, stacked ([L, E] bias) or unstacked ([E] each)."""
   from mixtral_jax.model import STACKED, build, state_of

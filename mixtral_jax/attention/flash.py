@@ -115,9 +115,12 @@ class _Layout:
     qvalid, kvalid = _blocks(ones_q, self.bq, False), _blocks(ones_k, self.bk, False)
     self.nq, self.nk = self.qp.shape[0], self.kp.shape[0]
     qstats, kstats = _block_stats(self.qp, self.qsg, qvalid), _block_stats(self.kp, self.ksg, kvalid)
-    # Padded rows (segment -2 / -1) make a block's segment range mixed, so a padded block is never full.
     self.pred = _visible_blocks(qstats, kstats, window, causal_self, self.bq, self.bk)  # [nq, nk]
-    self.full = _full_blocks(qstats, kstats, window, causal_self, self.bq, self.bk) & self.pred
+    # The stats cover real rows only; a key block with padded rows needs its mask (padded query rows do
+    # not: their outputs are dropped and their cotangents are zero).
+    padded_keys = np.arange(self.nk) * self.bk + self.bk > s  # [nk], static
+    self.full = _full_blocks(qstats, kstats, window, causal_self, self.bq, self.bk) & self.pred & jnp.asarray(
+        ~padded_keys)[None, :]
 
   def q_blocks(self, x):  # [B, T, H, Dh] -> [nq, B, K, M, Dh]
     xb = _blocks(x, self.bq, 0)  # [nq, B, bq, H, Dh]
