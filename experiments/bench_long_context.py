@@ -9,7 +9,8 @@
    2048 keys). The growth from 4k to 32k is the number to read: 8x the tokens.
 2. Decode: ms per step of the public model call `model(token, cache=cache)` (a jitted loop of steps, as
    sampling runs them) against a cache of S slots, with the per-layer cache buffers sampling uses for the
-   unstacked layout vs one stacked [L, ...] cache array, and the bytes of cache a step must read.
+   unstacked layout, one stacked [L, ...] cache array, and the stacked (scanned) layout; the bytes of
+   cache a step must read.
 """
 from __future__ import annotations
 
@@ -62,18 +63,19 @@ def memory_rows(lengths):
 def decode_rows(slots: int, steps: int, repeats: int):
   cfg = ModelConfig(vocab_size=256, dim=256, num_layers=8, num_heads=8, num_kv_heads=2, head_dim=64,
                     ffn_dim=256, num_experts=4, top_k=2, rope_theta=1e4, max_positions=2 * slots).replace()
-  model = build(cfg, 0, Execution(layout="unstacked"))
-  graphdef, state = nnx.split(model)
-
-  def loop(state, cache):
-    def body(i, c):
-      return nnx.merge(graphdef, state)(jnp.zeros((1, 1), jnp.int32), cache=c).cache
-    return jax.lax.fori_loop(0, steps, body, cache)
-
-  step = jax.jit(loop, donate_argnums=(1,))
   cache_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * slots * cfg.head_dim * 4
   rows = []
-  for name, per_layer in [("per-layer buffers (sampling's choice)", True), ("one stacked [L, ...] array", False)]:
+  for name, layout, per_layer in [("unstacked layout, per-layer buffers (sampling's choice)", "unstacked", True),
+                                  ("unstacked layout, one stacked [L, ...] array", "unstacked", False),
+                                  ("stacked layout (scan; the cache in its carry)", "stacked", False)]:
+    graphdef, state = nnx.split(build(cfg, 0, Execution(layout=layout)))
+
+    def loop(state, cache, graphdef=graphdef):
+      def body(i, c):
+        return nnx.merge(graphdef, state)(jnp.zeros((1, 1), jnp.int32), cache=c).cache
+      return jax.lax.fori_loop(0, steps, body, cache)
+
+    step = jax.jit(loop, donate_argnums=(1,))
     cache = KVCache.init(cfg, 1, slots, per_layer=per_layer).replace(fresh=False)
     cache = step(state, cache)
     jax.block_until_ready(cache)

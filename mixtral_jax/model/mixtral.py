@@ -218,7 +218,9 @@ class Mixtral(nnx.Module):
       body = jax.checkpoint(body, policy=REMAT[run.remat], prevent_cse=not stacked)
     kv = None if cache is None else (cache.k, cache.v)
     per_layer = kv is not None and isinstance(kv[0], tuple)
-    if stacked:
+    if stacked and kv is not None and tokens.shape[1] == 1 and not per_layer:
+      x, route, stats, new_kv = _scan_decode(body, x, layer_state, kv, keys, slot=shared[4][0])
+    elif stacked:
       kv = (jnp.stack(kv[0]), jnp.stack(kv[1])) if per_layer else kv
       x, (route, stats, new_kv) = jax.lax.scan(body, x, (layer_state, kv, keys))
       new_kv = (tuple(new_kv[0]), tuple(new_kv[1])) if per_layer else new_kv
@@ -246,6 +248,25 @@ class Mixtral(nnx.Module):
     new_cache = None if cache is None else advance_cache(cache, new_kv[0], new_kv[1], shared, tokens.shape[1])
     return ModelOutput(logits=logits, router=route, moe_stats=stats, cache=new_cache,
                        hidden=hidden if return_hidden else None)
+
+
+def _scan_decode(body, x, layer_state, kv, keys, *, slot):
+  """One decode step through the scanned layers with the [L, B, K, S, Dh] cache in the carry: each layer
+  reads its keys (one dynamic slice) and only its new token's slot is written back, in place (a scan
+  over the cache as xs / ys would copy every layer's slice in and a whole new [L, ...] cache out)."""
+  def step(carry, xs):
+    h, k_all, v_all = carry
+    layer, layer_key, i = xs
+    take = lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731  [B, K, S, Dh]
+    h, (route, stats, (k_i, v_i)) = body(h, (layer, (take(k_all), take(v_all)), layer_key))
+    def write(a, new):  # the slot of layer i: [1, B, K, 1, Dh] into [L, B, K, S, Dh]
+      token = jax.lax.dynamic_slice_in_dim(new, slot, 1, axis=2)[None]
+      return jax.lax.dynamic_update_slice(a, token, (i, 0, 0, slot, 0))
+    return (h, write(k_all, k_i), write(v_all, v_i)), (route, stats)
+
+  n = kv[0].shape[0]
+  (x, k_all, v_all), (route, stats) = jax.lax.scan(step, (x, *kv), (layer_state, keys, jnp.arange(n)))
+  return x, route, stats, (k_all, v_all)
 
 
 def split_experts(layer: "DecoderLayer") -> "DecoderLayer":
