@@ -105,7 +105,7 @@ def main(argv=None):
   os.makedirs(out, exist_ok=True)
   lines = ["# Long context on CPU: attention memory and decode against a long cache", "",
            f"jax {jax.__version__}, {os.cpu_count()} cores. `python experiments/bench_long_context.py`.", "",
-           f"## Compiled temp memory (MiB), width-64 2-layer model, one sequence", "",
+           "## Compiled temp memory (MiB), width-64 2-layer model, one sequence", "",
            f"| attention | pass | T={lengths[0]} | T={lengths[1]} | growth ({lengths[1] // lengths[0]}x tokens) |",
            "| --- | --- | ---: | ---: | ---: |"]
   lines += [f"| {r['attention']} | {r['passes']} | {r['mib'][0]:.1f} | {r['mib'][1]:.1f} | {r['growth']:.1f}x |"
