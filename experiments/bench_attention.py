@@ -200,6 +200,20 @@ def ratio_stats(num: list, den: list) -> dict:
   return dict(median=statistics.median(r), min=min(r), max=max(r))
 
 
+def time_arms(cell: dict, calls: dict, flops: float, args) -> tuple:
+  """Runs the arms in alternating rounds; fills each arm's row with its times, GFLOP/s and its ratios to
+  HF and to xla (per round). Returns (times, first outputs)."""
+  times, first, first_s = rounds(calls, args.repeats, args.warmup)
+  for arm, ts in times.items():
+    row = cell["arms"][arm]
+    row.update(summarize(ts, flops, args.peak), first_call_s=first_s[arm])
+    if "hf" in times and arm != "hf":
+      row["vs_hf"] = ratio_stats(times["hf"], ts)
+    if "xla" in times and arm != "xla":
+      row["vs_xla"] = ratio_stats(times["xla"], ts)
+  return times, first
+
+
 def bench_cell(t: int, mode: str, dims: dict, run: Execution, args) -> dict:
   inputs = make_inputs(t, dims)
   x = jax.device_put({k: jnp.asarray(v) for k, v in inputs.items()})
@@ -216,11 +230,10 @@ def bench_cell(t: int, mode: str, dims: dict, run: Execution, args) -> dict:
   if args.hf:
     calls["hf"] = hf_program(inputs, mode)
     cell["arms"]["hf"] = {}
-  times, first, first_s = rounds(calls, args.repeats, args.warmup)
+  times, first = time_arms(cell, calls, flops, args)
   ref = to_numpy(first["hf"]) if "hf" in first else None
-  for arm, ts in times.items():
+  for arm in times:
     row = cell["arms"][arm]
-    row.update(summarize(ts, flops, args.peak), first_call_s=first_s[arm])
     if ref is not None and arm != "hf":
       got = to_numpy(first[arm])
       if mode == "fwd":
@@ -229,12 +242,6 @@ def bench_cell(t: int, mode: str, dims: dict, run: Execution, args) -> dict:
         errs = [rel_err(a, b) for a, b in zip(got, ref)]
         row["rel_err_vs_hf"] = max(errs)
         row["grad_rel_err_vs_hf"] = dict(zip(("dq", "dk", "dv"), errs))
-  for arm, row in cell["arms"].items():
-    if arm in times:
-      if "hf" in times and arm != "hf":
-        row["vs_hf"] = ratio_stats(times["hf"], times[arm])
-      if "xla" in times and arm != "xla":
-        row["vs_xla"] = ratio_stats(times["xla"], times[arm])
   del first, calls
   return cell
 
@@ -267,17 +274,11 @@ def bench_layer(t: int, cfg, hf, models: dict, args) -> dict:
         return hf(tt).logits
     calls["hf"] = hf_forward
     cell["arms"]["hf"] = {}
-  times, first, first_s = rounds(calls, args.repeats, args.warmup)
+  times, first = time_arms(cell, calls, flops, args)
   ref = to_numpy(first["hf"]) if "hf" in first else None
-  for arm, ts in times.items():
-    row = cell["arms"][arm]
-    row.update(summarize(ts, flops, args.peak), first_call_s=first_s[arm])
+  for arm in times:
     if ref is not None and arm != "hf":
-      row["rel_err_vs_hf"] = rel_err(to_numpy(first[arm]), ref)
-    if "hf" in times and arm != "hf":
-      row["vs_hf"] = ratio_stats(times["hf"], ts)
-    if "xla" in times and arm != "xla":
-      row["vs_xla"] = ratio_stats(times["xla"], ts)
+      cell["arms"][arm]["rel_err_vs_hf"] = rel_err(to_numpy(first[arm]), ref)
   return cell
 
 

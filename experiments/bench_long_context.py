@@ -30,20 +30,14 @@ from flax import nnx  # noqa: E402
 
 from mixtral_jax.config import ModelConfig  # noqa: E402
 from mixtral_jax.execution import Execution  # noqa: E402
-from mixtral_jax.model import KVCache, abstract_model, build  # noqa: E402
+from mixtral_jax.model import KVCache, build  # noqa: E402
+from mixtral_jax.training.plan import compiled_temp_bytes  # noqa: E402
 
 MiB = 2 ** 20
 
 
 def temp_mib(cfg, run, t: int, backward: bool) -> float:
-  graphdef, state = nnx.split(abstract_model(cfg, run))
-  tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
-
-  def forward(state, tokens):
-    return nnx.merge(graphdef, state)(tokens, train=backward).logits
-
-  fn = jax.grad(lambda s, x: jnp.mean(jax.nn.logsumexp(forward(s, x), -1))) if backward else forward
-  return jax.jit(fn).lower(state, tokens).compile().memory_analysis().temp_size_in_bytes / MiB
+  return compiled_temp_bytes(cfg, run, 1, t, backward=backward) / MiB
 
 
 def memory_rows(lengths):

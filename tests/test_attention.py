@@ -196,20 +196,6 @@ def test_model_flash_equals_xla(window=9):
   np.testing.assert_array_equal(sampling.generate(fast, prompts, 6), sampling.generate(base, prompts, 6))
 
 
-def _temp_mib(cfg, run, t: int, backward: bool) -> float:
-  """XLA's compiled temp memory (MiB) of a forward, or forward+backward, over one sequence of t tokens."""
-  from flax import nnx
-  from mixtral_jax.model import abstract_model
-  graphdef, state = nnx.split(abstract_model(cfg, run))
-  tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
-
-  def forward(state, tokens):
-    return nnx.merge(graphdef, state)(tokens, train=backward).logits
-
-  fn = jax.grad(lambda s, x: jnp.mean(jax.nn.logsumexp(forward(s, x), -1))) if backward else forward
-  return jax.jit(fn).lower(state, tokens).compile().memory_analysis().temp_size_in_bytes / 2 ** 20
-
-
 def test_long_sequence_memory_is_linear():
   """Width-64 2-layer model, default execution (flash from 2048 keys): forward and forward+backward temp
   memory grow at most 12x from 4k to 32k tokens (8x the length; the materialised scores grew 55x) and
@@ -217,9 +203,10 @@ def test_long_sequence_memory_is_linear():
   from mixtral_jax.config import ModelConfig
   cfg = ModelConfig(vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                     ffn_dim=128, num_experts=4, top_k=2, rope_theta=1e4, max_positions=32768).replace()
+  from mixtral_jax.training.plan import compiled_temp_bytes
   run = Execution(layout="stacked")
   for backward in (False, True):
-    short, long = (_temp_mib(cfg, run, t, backward) for t in (4096, 32768))
+    short, long = (compiled_temp_bytes(cfg, run, 1, t, backward=backward) / 2 ** 20 for t in (4096, 32768))
     assert long <= 12 * short and long < 1024, (backward, short, long)
 
 

@@ -160,7 +160,8 @@ def _prefill(graphdef, state, tokens, lengths, key, options, *, max_new_tokens, 
   seg = (cols >= t - lengths[:, None]).astype(jnp.int32)  # [B, T] 1 = real token (left padding)
   pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)  # [B, T] positions count real tokens only
   cache = KVCache.init(model.config, b, size, model.dtype, per_layer=model.execution.layout == "unstacked")
-  # Chunked prefill bounds the [B, H, chunk, slots + chunk] attention scores (see planner.py).
+  # Chunked prefill bounds the activations; attention holds [B, H, chunk, slots + chunk] scores only
+  # below attention_min_len keys (flash above: one block per head; see planner.py).
   for start in range(0, t, chunk or t):
     cols = slice(start, min(start + (chunk or t), t))
     out = model(tokens[:, cols], positions=pos[:, cols], segment_ids=seg[:, cols], cache=cache,

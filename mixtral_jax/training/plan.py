@@ -134,6 +134,21 @@ def activation_bytes(cfg: ModelConfig, run, batch: int, seq_len: int) -> tuple[i
   return saved, max(one_layer, 0)
 
 
+def compiled_temp_bytes(cfg: ModelConfig, run, batch: int, seq_len: int, *, backward: bool) -> int:
+  """XLA's own temp allocation (compiled memory_analysis) of a forward, or a forward+backward of a
+  next-token-style loss, over [batch, seq_len] tokens on this backend; nothing runs. A cross-check of the
+  plan's activation estimate, and how tests bound attention memory."""
+  from mixtral_jax.model import abstract_model
+  graphdef, state = nnx.split(abstract_model(cfg, run))
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
+
+  def forward(state, tokens):
+    return nnx.merge(graphdef, state)(tokens, train=backward).logits
+
+  fn = jax.grad(lambda s, x: jnp.mean(jax.nn.logsumexp(forward(s, x), -1))) if backward else forward
+  return jax.jit(fn).lower(state, tokens).compile().memory_analysis().temp_size_in_bytes
+
+
 def plan(cfg: ModelConfig, mesh_cfg: sharding.MeshConfig, *, hardware: str, batch_size: int, seq_len: int,
          lora_rank: int = 16, headroom: float = 0.9, run=None) -> Plan:
   """run: the execution to plan for (remat, train dispatch, compute dtype, attention); "auto" fields take
