@@ -174,7 +174,8 @@ def test_execution_attention_fields():
 
 def test_model_flash_equals_xla(window=9):
   """The whole model with flash attention everywhere (min_len 1) vs xla: logits of packed documents,
-  gradients of a loss w.r.t. every parameter, and generation through a KV cache (prefill + decode)."""
+  gradients of a loss w.r.t. every parameter, and generation through a KV cache (prefill, chunked
+  prefill, decode)."""
   from flax import nnx
   from mixtral_jax.inference import sampling
   from mixtral_jax.model import build, with_execution
@@ -193,7 +194,10 @@ def test_model_flash_equals_xla(window=9):
   for g, e in zip(grads(fast), grads(base)):
     assert rel_err(g, e) <= 1e-5
   prompts = tokens[:, :11]
-  np.testing.assert_array_equal(sampling.generate(fast, prompts, 6), sampling.generate(base, prompts, 6))
+  expected = sampling.generate(base, prompts, 6)
+  np.testing.assert_array_equal(sampling.generate(fast, prompts, 6), expected)
+  # Chunked prefill: flash over [cache slots ; chunk] (not self-attention) for the later chunks.
+  np.testing.assert_array_equal(sampling.generate(fast, prompts, 6, prefill_chunk=4), expected)
 
 
 def test_long_sequence_memory_is_linear():
