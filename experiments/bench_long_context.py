@@ -70,7 +70,7 @@ def decode_rows(slots: int, steps: int, repeats: int):
       return jax.lax.fori_loop(0, steps, body, cache)
 
     step = jax.jit(loop, donate_argnums=(1,))
-    cache = KVCache.init(cfg, 1, slots, per_layer=per_layer).replace(fresh=False)
+    cache = KVCache.init(cfg, 1, slots, per_layer=per_layer).replace(fresh=False)  # both forms, on purpose
     cache = step(state, cache)
     jax.block_until_ready(cache)
     times = []

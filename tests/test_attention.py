@@ -247,7 +247,8 @@ def test_decode_reads_the_cache_in_place():
   cfg = ModelConfig(vocab_size=256, dim=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
                     ffn_dim=128, num_experts=4, top_k=2, rope_theta=1e4, max_positions=8192).replace()
   model = build(cfg, 0, Execution(layout="unstacked"))
-  cache = KVCache.init(cfg, 1, 4096, per_layer=True).replace(fresh=False)
+  cache = KVCache.for_model(model, 1, 4096).replace(fresh=False)  # per-layer buffers, as sampling uses
+  assert isinstance(cache.k, tuple)
   graphdef, state = nnx.split(model)
 
   def steps(state, cache):

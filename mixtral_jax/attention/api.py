@@ -11,7 +11,9 @@ for self-attention (`causal_self`: the keys are the queries' own tokens), index_
     cudnn, pallas_gpu, pallas_gpu_interpret, splash, splash_interpret: accelerator kernels (kernels.py).
 
 `Execution.attention` names the implementation for long sequences; shorter ones (keys < Execution.
-attention_min_len) and decode steps use `xla`, where the score matrix is small. See execution.BACKENDS.
+attention_min_len) use `xla`, where the score matrix is small. See execution.BACKENDS. A decode step
+against a KV cache does not come here: the layer calls reference.decode_attention, which reads the cache
+in place before its slot is written.
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ def attend(q, k, v, q_pos, k_pos, q_seg, k_seg, *, window: Optional[int], causal
            impl: str = "flash", min_len: int = 0, block: int = 128, flash_block: int = 256) -> jax.Array:
   """q [B, T, H, Dh], k/v [B, S, K, Dh], positions/segments [B, T] / [B, S] -> [B, T, H, Dh].
 
-  impl: the ATTENTIONS name for long sequences; keys shorter than min_len, and single-row decode steps,
-  use "xla". block: xla's block-causal query rows; flash_block: the rows of flash / kernel blocks."""
+  impl: the ATTENTIONS name for long sequences; keys shorter than min_len, and a single query row, use
+  "xla". block: xla's block-causal query rows; flash_block: the rows of flash / kernel blocks."""
   t, s = q.shape[1], k.shape[1]
   name = "xla" if (t == 1 or s < min_len) else impl
   fn = ATTENTIONS.get(name)

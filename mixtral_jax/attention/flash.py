@@ -131,11 +131,6 @@ class _Layout:
     xb = xb.reshape(self.nq, self.b, self.kvh, self.g, self.bq, self.dh).transpose(1, 0, 4, 2, 3, 5)
     return xb.reshape(self.b, self.nq * self.bq, self.h, self.dh)[:, :self.t]
 
-  def row_blocks(self, x):  # [B, K, G, T] per-row floats -> [nq, B, K, M]
-    x = jnp.pad(x, [(0, 0)] * 3 + [(0, self.nq * self.bq - self.t)])
-    return x.reshape(self.b, self.kvh, self.g, self.nq, self.bq).transpose(3, 0, 1, 2, 4).reshape(
-        self.nq, self.b, self.kvh, self.g * self.bq)
-
   def kv_blocks(self, x):  # [B, S, K, Dh] -> [nk, B, K, bk, Dh]
     return _blocks(x, self.bk, 0).transpose(0, 1, 3, 2, 4)
 

@@ -159,7 +159,7 @@ def _prefill(graphdef, state, tokens, lengths, key, options, *, max_new_tokens, 
   cols = jnp.arange(t, dtype=jnp.int32)[None]  # [1, T]
   seg = (cols >= t - lengths[:, None]).astype(jnp.int32)  # [B, T] 1 = real token (left padding)
   pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)  # [B, T] positions count real tokens only
-  cache = KVCache.init(model.config, b, size, model.dtype, per_layer=model.execution.layout == "unstacked")
+  cache = KVCache.for_model(model, b, size)
   # Chunked prefill bounds the activations; attention holds [B, H, chunk, slots + chunk] scores only
   # below attention_min_len keys (flash above: one block per head; see planner.py).
   for start in range(0, t, chunk or t):

@@ -44,6 +44,12 @@ class KVCache:
     return cls(k=k, v=v, pos=jnp.zeros((batch, size), jnp.int32), seg=jnp.zeros((batch, size), jnp.int32),
                index=jnp.zeros((), jnp.int32), fresh=True)
 
+  @classmethod
+  def for_model(cls, model, batch: int, size: int) -> "KVCache":
+    """The cache `model` reads fastest: its compute dtype, and per-layer buffers for the unstacked layout
+    (one [L, ...] array for the stacked one, which scans over it)."""
+    return cls.init(model.config, batch, size, model.dtype, per_layer=model.execution.layout == "unstacked")
+
   @property
   def size(self) -> int:
     return self.k[0].shape[2]
