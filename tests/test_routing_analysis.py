@@ -49,3 +49,24 @@ def test_random_routing_matches_the_baselines_and_coactivation():
   np.testing.assert_allclose(np.diag(both), k / e, atol=0.01)  # each expert chosen by k/E of tokens
   off = both - np.diag(np.diag(both))
   np.testing.assert_allclose(off.sum(1), (k - 1) * np.diag(both), rtol=1e-6)
+
+
+def test_routing_entropy_uniform_one_hot_and_mask():
+  e = 4
+  uniform = jnp.full((1, 1, 2, e), 1 / e)
+  one_hot = jnp.asarray([[[[1.0, 0, 0, 0], [0, 0, 1.0, 0]]]])
+  experts = jnp.asarray([[[[0, 1], [2, 3]]]], jnp.int32)
+  r = RouterOutput(logits=jnp.zeros((1, 1, 2, e)), probs=uniform, experts=experts, weights=jnp.ones((1, 1, 2, 2)))
+  out = analysis.routing_entropy(r)
+  np.testing.assert_allclose(out["entropy"], [np.log(e)], rtol=1e-6)
+  np.testing.assert_allclose(out["normalized"], [1.0], rtol=1e-6)
+  np.testing.assert_allclose(out["load_entropy"], [1.0], rtol=1e-6)  # 4 slots on 4 experts
+  r = r.replace(probs=one_hot, weights=jnp.asarray([[[[1.0, 0.0], [1.0, 0.0]]]]))  # experts 0 and 2 only
+  out = analysis.routing_entropy(r)
+  np.testing.assert_allclose(out["entropy"], [0.0], atol=1e-7)
+  np.testing.assert_allclose(out["load_entropy"], [np.log(2) / np.log(e)], rtol=1e-6)
+  # masking the second token leaves one expert loaded: load entropy 0
+  mixed = r.replace(probs=jnp.concatenate([one_hot[:, :, :1], uniform[:, :, :1]], axis=2))
+  out = analysis.routing_entropy(mixed, mask=jnp.asarray([[1, 0]]))
+  np.testing.assert_allclose(out["entropy"], [0.0], atol=1e-7)
+  np.testing.assert_allclose(out["load_entropy"], [0.0], atol=1e-7)

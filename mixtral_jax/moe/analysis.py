@@ -68,3 +68,21 @@ def coactivation(router, mask: Optional[jax.Array] = None) -> jax.Array:
   weight = jnp.ones(chosen.shape[1:3]) if mask is None else (mask > 0).astype(jnp.float32)  # [B, T]
   both = jnp.einsum("lbti,lbtj,bt->lij", chosen, chosen, weight)  # [L, E, E]
   return both / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def routing_entropy(router, mask: Optional[jax.Array] = None) -> dict:
+  """Per layer [L], over real tokens: the mean entropy (nats) of the router's distribution over experts
+  (`probs`), the same divided by log E (1 = uniform, 0 = one-hot), and the entropy of the layer's expert
+  load (how evenly the used slots spread over the experts, also / log E)."""
+  num_experts = router.probs.shape[-1]
+  p = router.probs.astype(jnp.float32)  # [L, B, T, E]
+  weight = jnp.ones(p.shape[1:3]) if mask is None else (mask > 0).astype(jnp.float32)  # [B, T]
+  count = jnp.maximum(jnp.sum(weight), 1.0)
+  per_token = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)  # [L, B, T]
+  mean = jnp.einsum("lbt,bt->l", per_token, weight) / count
+  used = jax.nn.one_hot(router.experts, num_experts, dtype=jnp.float32) * (router.weights[..., None] > 0)
+  load = jnp.einsum("lbtke,bt->le", used, weight)  # [L, E] used slots per expert
+  share = load / jnp.maximum(jnp.sum(load, axis=-1, keepdims=True), 1.0)
+  load_entropy = -jnp.sum(jnp.where(share > 0, share * jnp.log(jnp.where(share > 0, share, 1.0)), 0.0), axis=-1)
+  log_e = math.log(num_experts) if num_experts > 1 else 1.0
+  return {"entropy": mean, "normalized": mean / log_e, "load_entropy": load_entropy / log_e}
