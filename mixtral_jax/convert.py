@@ -1,7 +1,10 @@
-"""Converts released Mixtral checkpoints to Orbax (parameters + model config) and back to HF.
+"""Converts released Mixtral checkpoints to Orbax (parameters + model config) and back to HF, and upcycles
+dense Mistral checkpoints into Mixtrals.
 
   python -m mixtral_jax.convert SRC DST [--dtype float32|bfloat16] [--overwrite] [--format auto|hf|mistral]
   python -m mixtral_jax.convert --to-hf ORBAX_DIR HF_DIR [--dtype ...] [--overwrite] [--max-shard-size 5GB]
+  python -m mixtral_jax.convert --upcycle --num-experts E [--top-k K] DENSE_SRC DST [--noise STD]
+      [--router-init normal|zero] [--router-std S] [--seed N] [--dtype ...] [--overwrite] [--format ...]
 
 SRC is an HF directory (config.json + model.safetensors or sharded shards with an index; legacy
 per-expert or transformers-v5 fused experts) or an original Mistral release (params.json +
@@ -9,6 +12,18 @@ consolidated.*.pth or consolidated.safetensors, including the early stacked-expe
 mixtral_jax/checkpoints/sources.py. Both directions stream: one layer of attention, one expert or one block of the
 embedding is in memory at a time. Errors the user can cause are one line `error: ...` on stderr, exit
 status 2, and leave nothing at the destination.
+
+--upcycle (sparse upcycling, Komatsuzaki et al. 2022, arXiv:2212.05055; mixtral_jax/checkpoints/upcycle.py):
+DENSE_SRC is a dense Mistral -- an HF MistralForCausalLM directory (single file or sharded), an original
+Mistral release (params.json without 'moe' + consolidated.*), or a mixtral_jax checkpoint / trainer workdir
+of a model with num_experts=1 -- and DST a Mixtral (router mixtral_topk) with E experts per layer, each an
+exact copy of the dense FFN, top-K routing (default min(2, E)) and a router initialised N(0, S^2) with
+S = sqrt(0.1 / dim) (Switch Transformer's router scale; --router-init zero is allowed but leaves every
+token on experts 0..K-1 with no router gradient while the experts are identical: see upcycle.py). Because
+Mixtral renormalises the top-K weights to sum to 1, the upcycled model computes exactly the dense model's
+function, for any router. --noise STD adds Gaussian noise of std STD x std(W) to every copy of each matrix
+W except expert 0's, to break the experts' symmetry; the model is then no longer function preserving.
+Upcycling streams too: one dense FFN matrix is in memory at a time, read once and re-yielded per expert.
 """
 from __future__ import annotations
 
@@ -29,6 +44,7 @@ from mixtral_jax.checkpoints import store as checkpoint
 from mixtral_jax.checkpoints import formats
 from mixtral_jax.checkpoints import params
 from mixtral_jax.checkpoints import sources
+from mixtral_jax.checkpoints import upcycle as upcycling
 from mixtral_jax.config import ConfigError, ModelConfig
 from mixtral_jax.checkpoints.formats import CheckpointError
 
@@ -44,17 +60,43 @@ def convert(src, dst, *, dtype: Optional[str] = None, overwrite: bool = False, f
   source = sources.open_source(src, fmt)
   try:
     out = np.dtype(formats.FLOAT_DTYPES[dtype]) if dtype else source.dtype
-    name = formats.dtype_name(out)
-    cfg = source.config.replace(param_dtype=name)
     tree = sources.stream_tree(source, out)
-    if progress is not None:
-      tree = _with_progress(tree, progress)
-    checkpoint.write_tree(dst, tree, cfg, overwrite=overwrite, source={
-        "path": str(Path(src).absolute()), "layout": source.layout, "dtype": formats.dtype_name(source.dtype)})
+    nbytes = _write(dst, tree, source.config.replace(param_dtype=formats.dtype_name(out)), overwrite, progress,
+                    dict(path=str(Path(src).absolute()), layout=source.layout, dtype=formats.dtype_name(source.dtype)))
   finally:
     source.close()
-  nbytes = sum(leaf.size * out.itemsize for leaf in _leaves(tree))
-  return dict(layout=source.layout, dtype=name, bytes=nbytes, seconds=time.perf_counter() - start)
+  return dict(layout=source.layout, dtype=formats.dtype_name(out), bytes=nbytes, seconds=time.perf_counter() - start)
+
+
+def upcycle(src, dst, *, num_experts: int, top_k: Optional[int] = None, noise: float = 0.0,
+            router_init: str = "normal", router_std: Optional[float] = None, seed: int = 0,
+            dtype: Optional[str] = None, overwrite: bool = False, fmt: str = "auto",
+            progress: Optional[Callable[[int], None]] = None) -> dict:
+  """Dense Mistral at SRC -> Orbax Mixtral at DST with `num_experts` copies of each FFN, routing top_k
+  (None: min(2, E)); see mixtral_jax/checkpoints/upcycle.py for the router and noise options. Everything
+  is validated before a byte is written. Returns a summary dict (layout, dtype, bytes, seconds, experts)."""
+  start = time.perf_counter()
+  plan = upcycling.Upcycling(num_experts, top_k, noise, router_init, router_std, seed).check()
+  dense = upcycling.open_dense(src, fmt)
+  try:
+    out = np.dtype(formats.FLOAT_DTYPES[dtype]) if dtype else dense.dtype
+    cfg = upcycling.upcycled_config(dense.config, plan).replace(param_dtype=formats.dtype_name(out))
+    tree = upcycling.upcycled_tree(dense.tree(out), dense.config, plan)
+    nbytes = _write(dst, tree, cfg, overwrite, progress, dict(
+        path=str(Path(src).absolute()), layout=dense.layout, dtype=formats.dtype_name(dense.dtype),
+        upcycle=plan.resolved(cfg.dim)))
+  finally:
+    dense.close()
+  return dict(layout=dense.layout, dtype=formats.dtype_name(out), bytes=nbytes, seconds=time.perf_counter() - start,
+              experts=cfg.num_experts, top_k=cfg.top_k)
+
+
+def _write(dst, tree, cfg: ModelConfig, overwrite: bool, progress, source: dict) -> int:
+  """Writes the Streamed `tree` as a checkpoint at DST; returns the bytes of parameters written."""
+  if progress is not None:
+    tree = _with_progress(tree, progress)
+  checkpoint.write_tree(dst, tree, cfg, overwrite=overwrite, source=source)
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in _leaves(tree))
 
 
 def _leaves(tree):
@@ -173,6 +215,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
   p = _Parser(prog="python -m mixtral_jax.convert", description=__doc__.split("\n\n")[0],
+              epilog=__doc__[__doc__.index("--upcycle (sparse"):].strip(),
               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("src", help="source checkpoint directory (with --to-hf: the Orbax checkpoint)")
   p.add_argument("dst", help="output directory (with --to-hf: the HF directory); must not exist")
@@ -182,7 +225,39 @@ def _parser() -> argparse.ArgumentParser:
                  help="replace DST if it exists (only once the new one is complete)")
   p.add_argument("--format", default="auto", choices=("auto", "hf", "mistral"), help="SRC format (default: detect)")
   p.add_argument("--max-shard-size", default="5GB", help="--to-hf: largest safetensors shard (default 5GB)")
+  up = p.add_argument_group("sparse upcycling (SRC a dense Mistral: HF MistralForCausalLM dir, Mistral release, "
+                            "or a mixtral_jax checkpoint / workdir with num_experts=1)")
+  up.add_argument("--upcycle", action="store_true",
+                  help="make a Mixtral whose experts are all exact copies of SRC's FFN (function preserving)")
+  up.add_argument("--num-experts", type=int, metavar="E", help="experts per layer (required with --upcycle)")
+  up.add_argument("--top-k", type=int, metavar="K", help="experts per token (default: min(2, E))")
+  up.add_argument("--noise", type=float, metavar="STD",
+                  help="add N(0, (STD*std(W))^2) to each copy of every expert matrix W except expert 0's, to break "
+                       "the symmetry; the model is then NOT function preserving (default 0: exact copies)")
+  up.add_argument("--router-init", choices=upcycling.ROUTER_INITS,
+                  help="normal (default): N(0, S^2); zero: ties every logit, so all tokens go to experts "
+                       "0..K-1 and, while experts are identical, the router never gets a gradient")
+  up.add_argument("--router-std", type=float, metavar="S", help="std of the normal router init (default "
+                  "sqrt(0.1/dim), Switch Transformer's router scale: logits ~0.3x the input rms)")
+  up.add_argument("--seed", type=int, metavar="N", help="seed of the router init and the noise (default 0)")
   return p
+
+
+_UPCYCLE_FLAGS = ("num_experts", "top_k", "noise", "router_init", "router_std", "seed")
+
+
+def _upcycle_kwargs(args) -> dict:
+  """The upcycle() keyword arguments of the command line; checks the flags that need --upcycle."""
+  given = {name: getattr(args, name) for name in _UPCYCLE_FLAGS if getattr(args, name) is not None}
+  if not args.upcycle:
+    if given:
+      raise CheckpointError(f"--{next(iter(given)).replace('_', '-')} needs --upcycle")
+    return {}
+  if args.to_hf:
+    raise CheckpointError("--upcycle and --to-hf cannot be combined (upcycle to Orbax first, then --to-hf that)")
+  if args.num_experts is None:
+    raise CheckpointError("--upcycle needs --num-experts E (the experts per layer of the Mixtral to make)")
+  return given
 
 
 def main(argv=None) -> int:
@@ -190,6 +265,7 @@ def main(argv=None) -> int:
   checkpoint._quiet_orbax(logging.CRITICAL)
   try:
     args = _parser().parse_args(argv)
+    upcycle_kwargs = _upcycle_kwargs(args)
     tty = sys.stdout.isatty()
     if args.to_hf:
       summary = to_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
@@ -202,9 +278,14 @@ def main(argv=None) -> int:
         done[0] += nbytes
         print(f"\r{done[0] / 1e9:.2f} GB written", end="", flush=True)
 
-      summary = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, fmt=args.format,
-                        progress=progress if tty else None)
-      what = f"an Orbax checkpoint from the {summary['layout']} layout"
+      common = dict(dtype=args.dtype, overwrite=args.overwrite, fmt=args.format, progress=progress if tty else None)
+      if args.upcycle:
+        summary = upcycle(args.src, args.dst, **upcycle_kwargs, **common)
+        what = (f"a Mixtral with {summary['experts']} experts (top-{summary['top_k']}) upcycled from the "
+                f"{summary['layout']} layout")
+      else:
+        summary = convert(args.src, args.dst, **common)
+        what = f"an Orbax checkpoint from the {summary['layout']} layout"
       if tty:
         print()
   except (CheckpointError, ConfigError) as e:

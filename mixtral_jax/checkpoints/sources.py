@@ -1,6 +1,6 @@
 """What a source directory holds: its format, model config, tensor layout, and a streamed parameter tree.
 
-Four layouts are understood (names below with `{i}` = layer, `{j}` = expert):
+Four Mixtral layouts are understood (names below with `{i}` = layer, `{j}` = expert):
   legacy   HF, what the Hub holds: model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight [F, D] ...
   fused    HF transformers v5 (save_original_format=False): mlp.experts.gate_up_proj [E, 2F, D] (w1 then
            w3), mlp.experts.down_proj [E, D, F], mlp.gate.weight
@@ -8,6 +8,13 @@ Four layouts are understood (names below with `{i}` = layer, `{j}` = expert):
            layers.{i}.feed_forward.experts.{j}.w1.weight; q/k rows in interleaved rotary pairs
   mistral_stacked  its early variant: layers.{i}.block_sparse_moe.w1 [E*F, D] (w2 also [E*F, D], i.e.
            already [F, D] per expert)
+and two dense Mistral ones, opened with `open_source(..., dense=True)` (what `convert --upcycle` reads):
+  hf_dense       HF MistralForCausalLM: model.layers.{i}.mlp.gate_proj (w1) / up_proj (w3) [F, D], down_proj (w2)
+                 [D, F]; attention and norms as in legacy
+  mistral_dense  the original Mistral 7B-style release (params.json without 'moe'):
+                 layers.{i}.feed_forward.w1/w2/w3.weight; q/k rows interleaved like mistral
+A dense source reads as a one-expert Mixtral (num_experts = top_k = 1, a zero router: the softmax of a
+single logit is 1, so that model computes exactly the dense FFN).
 Everything is checked (every expected tensor present with its shape, nothing unknown, layer and expert
 counts agreeing with the config) before a single byte of output is written.
 """
@@ -49,8 +56,15 @@ NAMES = {
     "mistral_stacked": dict(_MISTRAL, router="layers.{i}.block_sparse_moe.gate.weight",
                             w1="layers.{i}.block_sparse_moe.w1", w2="layers.{i}.block_sparse_moe.w2",
                             w3="layers.{i}.block_sparse_moe.w3"),
+    "hf_dense": dict(_HF, w1="model.layers.{i}.mlp.gate_proj.weight", w2="model.layers.{i}.mlp.down_proj.weight",
+                     w3="model.layers.{i}.mlp.up_proj.weight"),
+    "mistral_dense": dict(_MISTRAL, w1="layers.{i}.feed_forward.w1.weight", w2="layers.{i}.feed_forward.w2.weight",
+                          w3="layers.{i}.feed_forward.w3.weight"),
 }
+DENSE = ("hf_dense", "mistral_dense")  # no router tensor; one FFN per layer
+_INTERLEAVED = ("mistral", "mistral_stacked", "mistral_dense")  # q/k rows in interleaved rotary pairs
 _TOLERATED = re.compile(r".*rotary_emb\.inv_freq$")  # a derived buffer some old HF exports carry
+_MOE_NAME = re.compile(r"\.(block_sparse_moe|experts)\.|feed_forward\.gate\.|mlp\.gate\.weight$")
 _BLOCK_BYTES = 64 << 20  # embedding / LM head are streamed in row blocks of about this size (float32)
 
 
@@ -110,7 +124,7 @@ def _config(build, path: Path, fields: Dict[str, Any], **kw) -> ModelConfig:
     raise CheckpointError(f"{path}: {e}") from None
 
 
-def _hf_config(path: Path) -> Tuple[ModelConfig, bool]:
+def _hf_config(path: Path, dense: bool = False) -> Tuple[ModelConfig, bool]:
   hf = _load_json(path)
   rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -118,11 +132,45 @@ def _hf_config(path: Path) -> Tuple[ModelConfig, bool]:
                           "(only default rotary embeddings)")
   if hf.get("hidden_act", "silu") != "silu":
     raise CheckpointError(f"{path}: hidden_act={hf['hidden_act']!r} is not supported (Mixtral uses silu)")
+  kind = hf.get("model_type")
+  moe = "num_local_experts" in hf or kind == "mixtral"
+  if dense and moe:
+    raise CheckpointError(f"{path}: already a mixture of experts (model_type {kind!r}, num_local_experts="
+                          f"{hf.get('num_local_experts')}); --upcycle needs a dense Mistral checkpoint")
+  if dense and kind not in (None, "mistral"):
+    raise CheckpointError(f"{path}: model_type {kind!r} is not supported (expected a dense 'mistral')")
+  if not dense and not moe and kind == "mistral":
+    raise CheckpointError(f"{path}: model_type 'mistral' is a dense model, not a Mixtral (make one from it with "
+                          f"--upcycle --num-experts E)")
+  if dense:
+    hf = {**hf, "num_local_experts": 1, "num_experts_per_tok": 1}
   return _config(params.config_from_hf, path, hf), bool(hf.get("tie_word_embeddings", False))
 
 
-def open_source(src, fmt: str = "auto") -> Source:
-  """Detects the format of directory `src`, parses its config, opens its tensors and validates them."""
+def _hf_reader(src: Path) -> formats.TensorReader:
+  index = src / "model.safetensors.index.json"
+  # Hub repositories of Mistral models may also hold consolidated.safetensors: not part of the HF layout.
+  files = sorted(p for p in src.glob("*.safetensors") if not p.name.startswith("consolidated"))
+  if not index.is_file() and not files:
+    extra = " (pytorch_model*.bin is not supported: re-save with safetensors)" if any(src.glob("*.bin")) else ""
+    raise CheckpointError(f"{src} has a config.json but no *.safetensors files{extra}")
+  return formats.safetensors_reader(files, index if index.is_file() else None)
+
+
+def _mistral_reader(src: Path) -> formats.TensorReader:
+  single = src / "consolidated.safetensors"
+  pths = sorted(src.glob("consolidated*.pth"))
+  if single.is_file():
+    return formats.safetensors_reader([single])
+  if pths:
+    return formats.torch_reader(pths)
+  raise CheckpointError(f"{src} has a params.json but neither consolidated.safetensors nor consolidated.*.pth")
+
+
+def open_source(src, fmt: str = "auto", *, dense: bool = False) -> Source:
+  """Detects the format of directory `src`, parses its config, opens its tensors and validates them.
+  dense: expect a dense Mistral (layouts hf_dense / mistral_dense) instead of a Mixtral; either way the
+  other kind is refused in one sentence."""
   src = Path(src)
   if not src.exists():
     raise CheckpointError(f"{src} does not exist")
@@ -134,32 +182,27 @@ def open_source(src, fmt: str = "auto") -> Source:
       raise CheckpointError(f"{src} holds neither config.json (HF) nor params.json (Mistral release)")
   if fmt == "hf":
     config_path = src / "config.json"
-    cfg, tied = _hf_config(config_path)
-    index = src / "model.safetensors.index.json"
-    # Hub repositories of Mistral models may also hold consolidated.safetensors: not part of the HF layout.
-    files = sorted(p for p in src.glob("*.safetensors") if not p.name.startswith("consolidated"))
-    if not index.is_file() and not files:
-      extra = " (pytorch_model*.bin is not supported: re-save with safetensors)" if any(src.glob("*.bin")) else ""
-      raise CheckpointError(f"{src} has a config.json but no *.safetensors files{extra}")
-    reader = formats.safetensors_reader(files, index if index.is_file() else None)
-    layout = "fused" if any(n.endswith("mlp.experts.gate_up_proj") for n in reader.names()) else "legacy"
+    cfg, tied = _hf_config(config_path, dense)
+    reader = _hf_reader(src)
+    layout = "hf_dense" if dense else params.hf_layout(reader.names())
   elif fmt == "mistral":
     config_path, tied = src / "params.json", False
     fields = _load_json(config_path)
-    if not isinstance(fields.get("moe"), dict):
-      raise CheckpointError(f"{config_path}: no 'moe' section, so not a Mixtral (mixture-of-experts) release")
-    single = src / "consolidated.safetensors"
-    pths = sorted(src.glob("consolidated*.pth"))
-    if single.is_file():
-      reader = formats.safetensors_reader([single])
-    elif pths:
-      reader = formats.torch_reader(pths)
-    else:
-      raise CheckpointError(f"{src} has a params.json but neither consolidated.safetensors nor consolidated.*.pth")
+    moe = isinstance(fields.get("moe"), dict)
+    if dense and moe:
+      raise CheckpointError(f"{config_path}: already a mixture of experts (moe.num_experts="
+                            f"{fields['moe'].get('num_experts')}); --upcycle needs a dense Mistral checkpoint")
+    if not dense and not moe:
+      raise CheckpointError(f"{config_path}: no 'moe' section, so not a Mixtral (mixture-of-experts) release "
+                            f"(a dense Mistral: make a Mixtral from it with --upcycle --num-experts E)")
+    if dense:
+      fields = {**fields, "moe": {"num_experts": 1, "num_experts_per_tok": 1}}
+    reader = _mistral_reader(src)
     embed = _MISTRAL["embed"]
     cfg = _config(params.config_from_mistral, config_path, fields,
                   vocab_size=reader.shape(embed)[0] if embed in reader.names() else None)
-    layout = "mistral_stacked" if any(n.endswith("block_sparse_moe.w1") for n in reader.names()) else "mistral"
+    stacked = any(n.endswith("block_sparse_moe.w1") for n in reader.names())
+    layout = "mistral_dense" if dense else "mistral_stacked" if stacked else "mistral"
   else:
     raise CheckpointError(f"unknown format {fmt!r}: use auto, hf or mistral")
   source = Source(src, layout, cfg, config_path.name, reader, tied)
@@ -180,7 +223,9 @@ def expected_shapes(source: Source) -> Dict[str, Tuple[int, ...]]:
   for i in range(c.num_layers):
     n = lambda role, j=0: source.name(role, i, j)  # noqa: E731
     out.update({n("q"): (h * dh, d), n("k"): (k * dh, d), n("v"): (k * dh, d), n("o"): (d, h * dh),
-                n("attn_norm"): (d,), n("ffn_norm"): (d,), n("router"): (e, d)})
+                n("attn_norm"): (d,), n("ffn_norm"): (d,)})
+    if source.layout not in DENSE:
+      out[n("router")] = (e, d)
     if source.layout == "fused":
       out.update({n("gate_up"): (e, 2 * f, d), n("down"): (e, d, f)})
     elif source.layout == "mistral_stacked":
@@ -194,9 +239,14 @@ def expected_shapes(source: Source) -> Dict[str, Tuple[int, ...]]:
 def validate(source: Source) -> None:
   """Raises CheckpointError naming the first tensor, file or config field that does not fit."""
   r, c, cf = source.reader, source.config, source.config_file
-  hf = source.layout in ("legacy", "fused")
+  hf = source.layout in ("legacy", "fused", "hf_dense")
   layers_field, experts_field = ("num_hidden_layers", "num_local_experts") if hf else ("n_layers", "moe.num_experts")
   names = [n for n in r.names() if not _TOLERATED.match(n)]
+  if source.layout in DENSE:
+    mixed = next((n for n in names if _MOE_NAME.search(n)), None)
+    if mixed:
+      raise CheckpointError(f"{source.path}: already a mixture of experts (tensor {mixed} in {r.where(mixed)}); "
+                            f"--upcycle needs a dense Mistral checkpoint")
   found = {int(m.group(1)) for m in map(re.compile(r"(?:^|\.)layers\.(\d+)\.").search, names) if m}
   if found and found != set(range(c.num_layers)):
     raise CheckpointError(f"{source.path} holds layers {_ranges(found)} but {cf} says {layers_field}={c.num_layers}")
@@ -205,7 +255,7 @@ def validate(source: Source) -> None:
     if experts and experts != set(range(c.num_experts)):
       raise CheckpointError(f"{source.path} holds experts {_ranges(experts)} per layer but {cf} says "
                             f"{experts_field}={c.num_experts}")
-  router = source.name("router")
+  router = source.name("router") if source.layout not in DENSE else None
   if router in r.files and len(r.shape(router)) == 2 and r.shape(router)[0] != c.num_experts:
     raise CheckpointError(f"tensor {router} in {r.where(router)} routes to {r.shape(router)[0]} experts but {cf} "
                           f"says {experts_field}={c.num_experts}")
@@ -223,7 +273,8 @@ def validate(source: Source) -> None:
       raise CheckpointError(f"tensor {name} in {r.where(name)} has dtype {r.dtype(name)}, expected a float type")
   for name in names:
     if name not in expected and not (source.tied and name == source.name("lm_head")):
-      raise CheckpointError(f"unknown tensor {name} in {r.where(name)} (not part of a {source.layout} Mixtral "
+      what = "Mistral" if source.layout in DENSE else "Mixtral"
+      raise CheckpointError(f"unknown tensor {name} in {r.where(name)} (not part of a {source.layout} {what} "
                             f"checkpoint as described by {cf})")
 
 
@@ -238,7 +289,7 @@ def stream_tree(source: Source, dtype) -> Dict[str, Any]:
   row blocks. Q/K rows of the Mistral layouts are permuted from interleaved to rotate-half pairs."""
   c, r, dt = source.config, source.reader, np.dtype(dtype)
   d, h, k, dh, f, e, big_l = c.dim, c.num_heads, c.num_kv_heads, c.head_dim, c.ffn_dim, c.num_experts, c.num_layers
-  interleaved = source.layout.startswith("mistral")
+  interleaved = source.layout in _INTERLEAVED
   get = lambda role, i=0, j=0, index=(): r.read(source.name(role, i, j), index)  # noqa: E731
   t = lambda a: formats.transposed(a, dt)  # noqa: E731 -- transpose and cast in one pass
 
@@ -287,7 +338,8 @@ def stream_tree(source: Source, dtype) -> Dict[str, Any]:
           "attn_norm": {"scale": per_layer((d,), lambda i: get("attn_norm", i))},
           "ffn_norm": {"scale": per_layer((d,), lambda i: get("ffn_norm", i))},
           "moe": {
-              "router": {"kernel": per_layer((d, e), lambda i: get("router", i).T)},  # [E, D] -> [D, E]
+              "router": {"kernel": per_layer((d, e), lambda i: np.zeros((d, e), dt) if source.layout in DENSE
+                                             else get("router", i).T)},  # [E, D] -> [D, E]
               "w1": per_expert((d, f), lambda i, j: expert("w1", i, j)),
               "w3": per_expert((d, f), lambda i, j: expert("w3", i, j)),
               "w2": per_expert((f, d), lambda i, j: expert("w2", i, j)),
