@@ -155,3 +155,45 @@ def test_gpu_bench_long_context_cells_respect_the_time_budget(tmp_path):
   result = gpu_bench.main(["--dry_run", "--only=prefill_32k", "--budget_s=0", f"--out={tmp_path / 'gpu.json'}"])
   cells = result["benches"]["prefill_32k"]["attentions"]
   assert cells and all(c["skipped"].startswith("time budget") for c in cells.values())
+
+
+def test_upcycling_compares_at_equal_compute():
+  from experiments.upcycling import run
+  points = [(0.0, 5.0), (10.0, 4.0), (20.0, 3.0)]
+  assert run.at(points, 15.0) == 3.5 and run.at(points, 0.0) == 5.0
+  assert run.at(points, 20.3) == 3.0  # a run stopping short by a rounded step gives its last value
+  assert run.at(points, 25.0) != run.at(points, 25.0)  # nan: outside the run
+
+
+@pytest.mark.slow
+def test_upcycling_quick(tmp_path):
+  from experiments.upcycling import run
+  run.main(["--quick", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work")])
+  result = json.loads((tmp_path / "out" / "upcycling.json").read_text())
+  assert [r["arm"] for r in result["rows"]] == ["dense", "upcycled", "dense_continued", "scratch"]
+  # the upcycled run starts from the dense model's function: its first held-out loss is the dense run's last
+  dense_last, upcycled_first = result["curves"]["dense"][-1][1], result["curves"]["upcycled"][0][1]
+  assert abs(dense_last - upcycled_first) < 1e-4
+  assert os.path.getsize(tmp_path / "out" / "upcycling.png") > 1000
+  assert "| scratch |" in (tmp_path / "out" / "upcycling.md").read_text()
+
+
+def test_routing_analysis_on_a_tiny_model(tmp_path):
+  from experiments import routing_analysis as ra
+  from mixtral_jax.config import ModelConfig
+  from mixtral_jax.model import build
+  from mixtral_jax.training.data import ByteTokenizer
+  model = build(ModelConfig(vocab_size=263, dim=24, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=12,
+                            ffn_dim=40, num_experts=5, top_k=2), seed=1)
+  tokens = np.random.default_rng(0).integers(3, 263, (2, 17)).astype(np.int32)
+  segments = np.asarray([[1] * 17, [1] * 9 + [2] * 6 + [0] * 2], np.int32)  # two documents, padding
+  positions = np.asarray([list(range(17)), list(range(9)) + list(range(6)) + [0, 0]], np.int32)
+  stats = ra.statistics(model, [dict(tokens=tokens, positions=positions, segment_ids=segments)])
+  assert stats["tokens"] == 32 and stats["pairs"] == 16 + 8 + 5  # no pair across documents or into padding
+  for name in ("first_choice", "top_k_overlap", "entropy", "load_entropy"):
+    assert len(stats[name]) == 2 and all(0 <= v <= 1 for v in stats[name])
+  assert np.asarray(stats["coactivation"]).shape == (2, 5, 5)
+  lines = ra.table(stats, stats, 5, 2)
+  assert len(lines) == 4 + 2 and lines[-1].startswith("| 1 |")
+  ra.colour_tokens(model, ByteTokenizer(), "def f(x):\n  return x + 1\n", str(tmp_path / "c.png"))
+  assert os.path.getsize(tmp_path / "c.png") > 1000
