@@ -2,6 +2,13 @@
 
     python run.py --config=configs/finetune.py --config.checkpoint=DIR --config.data.paths=data.jsonl
     python run.py --config=configs/finetune.py:lora=True,targets=attn,rank=16 --config.checkpoint=DIR
+    python run.py --config=configs/finetune.py:lora=True,rank=16 --config.checkpoint=DIR \
+        --config.train.lora.targets=experts,router
+
+LoRA targets (config.train.lora.targets, comma-separated): attn | experts | all | wq,wk,wv,wo,w1,w3,w2, and
+`router` (the router's kernel trained in full; otherwise the router stays frozen). Expert adapters are
+per expert and run on the routed rows through the experts' grouped matmul (x W_e + s (x A_e) B_e, no
+dense per-expert delta); attention adapters are merged into their small weights each step.
 
 DIR is anything mixtral_jax.checkpoints.loading reads: a converted or quantized checkpoint (dequantized), a workdir of
 this trainer, an HF directory or a Mistral release. The model's shape comes from DIR; `config.model` may

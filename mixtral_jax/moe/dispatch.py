@@ -6,6 +6,8 @@ Each strategy is a pure function registered in DISPATCHERS:
 (the keyword tuning comes from the execution spec; every strategy accepts exactly these keywords and
 ignores those it does not use, so a misspelt keyword is an error, not silently dropped).
 Experts are SwiGLU: w2(silu(x w1) * (x w3)). Slots with weight 0 are unused and skipped.
+An expert weight may be AdaptedExperts (moe/adapted.py, per-expert LoRA): capacity and dropless run its
+adapters through their own batched / grouped matmuls; dense merges it (`astype`), the reference.
 
   dense     every expert on every token; E/k times the active FLOPs; the reference.
   capacity  GShard / Switch: each expert has C = ceil(top_k * N * capacity_factor / E) buffer rows;
@@ -25,6 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mixtral_jax.moe.adapted import cast
 from mixtral_jax.moe.grouped import (block_layout, default_block_size, resolve_grouped_matmul, swiglu,
                                  swiglu_blocks, swiglu_ragged, take_rows)
 from mixtral_jax.registry import Registry
@@ -131,8 +134,8 @@ def capacity(x, route, w1, w3, w2, *, dtype, capacity_factor, top_k, grouped_mat
   used = route.weights != 0
   rank, _ = slot_ranks(route.experts, used, num_experts, route.priority)
   kept = used & (rank < cap)
-  y = _buffered(x, route.weights, route.experts, rank, kept, cap, w1.astype(dtype), w3.astype(dtype),
-                w2.astype(dtype), dtype)
+  y = _buffered(x, route.weights, route.experts, rank, kept, cap, cast(w1, dtype), cast(w3, dtype),
+                cast(w2, dtype), dtype)
   return y, _drop_stats(used, kept)
 
 
@@ -157,7 +160,7 @@ def dropless(x, route, w1, w3, w2, *, dtype, grouped_matmul="auto", top_k=None, 
   num_slots = route.experts.size
   used = route.weights != 0
   rank, counts = slot_ranks(route.experts, used, num_experts)
-  w1, w3, w2 = w1.astype(dtype), w3.astype(dtype), w2.astype(dtype)
+  w1, w3, w2 = cast(w1, dtype), cast(w3, dtype), cast(w2, dtype)  # AdaptedExperts stay unmerged
   impl = resolve_grouped_matmul(grouped_matmul or "auto")
   if impl != "blocks":  # contiguous groups through a grouped matmul (gmm.GMMS)
     starts = jnp.cumsum(counts) - counts  # [E]

@@ -11,7 +11,8 @@ Registered into dispatch.DISPATCHERS (same signature as the strategies there), c
 Both take the expert weights as a stacked [E, ...] array, or as an `ExpertList` of E separate buffers
 (the "unstacked" layout, model.py): XLA:CPU cannot feed a slice of a larger buffer to a matmul without copying
 it first, which for decode triples the bytes an expert costs (read, write the copy, read it again).
-Weights may be QTensors (quant.py): only the chosen experts are dequantized.
+Weights may be QTensors (quant.py): only the chosen experts are dequantized. They may be AdaptedExperts
+(adapted.py, per-expert LoRA): each chosen expert runs x W + s (x A) B with its own adapters.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from mixtral_jax.moe.adapted import product
 from mixtral_jax.moe.dispatch import DISPATCHERS, _drop_stats, combine_matrix
 from mixtral_jax.inference.quant import matmul, take_expert
 
@@ -50,9 +52,10 @@ def expert(w, j: int):
   return w.parts[j] if isinstance(w, ExpertList) else take_expert(w, j)
 
 
-def swiglu(x, w1, w3, w2, dtype):  # [M, D] -> [M, D]
-  h = jax.nn.silu(matmul(x, w1, dtype)) * matmul(x, w3, dtype)  # [M, F]
-  return matmul(h, w2, dtype)
+def swiglu(x, w1, w3, w2, dtype):  # [M, D] -> [M, D]; one expert's weights (AdaptedExperts: [In, r], [r, Out])
+  mm = lambda h, w: matmul(h, w, dtype)  # noqa: E731  [M, In] x [In, Out] -> [M, Out]
+  h = jax.nn.silu(product(mm, x, w1)) * product(mm, x, w3)  # [M, F]
+  return product(mm, h, w2)  # [M, D]
 
 
 @DISPATCHERS.register("routed_cond")

@@ -1,5 +1,6 @@
 """Building blocks of sparse dispatch: row permutations whose backward pass is a gather, and SwiGLU
-experts applied to rows grouped by expert (batched, padded blocks, or ragged_dot).
+experts applied to rows grouped by expert (batched, padded blocks, or ragged_dot). Expert weights may be
+AdaptedExperts (moe/adapted.py: per-expert LoRA), whose adapters run through the same matmuls.
 
 Why a custom VJP for row gathers: the transpose of a gather is a scatter-add, which XLA:CPU runs as a
 slow serial loop and which made a straightforward capacity-dispatch training step slower than PyTorch.
@@ -12,6 +13,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from mixtral_jax.moe.adapted import product, take_experts
 
 # "blocks": padded blocks with per-block weight copies (below); the rest are gmm.GMMS implementations.
 GROUPED_MATMULS = ("auto", "blocks", "loop", "ragged_dot", "tokamax", "megablox", "megablox_interpret")
@@ -49,11 +52,16 @@ def _take_rows_bwd(res, grad):
 take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
-def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
-  """Experts applied group-wise: x [G, C, D], w1/w3 [G, D, F], w2 [G, F, D] -> [G, C, D]."""
-  gate = jnp.einsum("gcd,gdf->gcf", x, w1)  # [G, C, F]
-  up = jnp.einsum("gcd,gdf->gcf", x, w3)  # [G, C, F]
-  return jnp.einsum("gcf,gfd->gcd", jax.nn.silu(gate) * up, w2)  # [G, C, D]
+def _batched(h: jax.Array, w: jax.Array) -> jax.Array:
+  return jnp.einsum("gci,gio->gco", h, w)  # [G, C, In] x [G, In, Out] -> [G, C, Out]
+
+
+def swiglu(x: jax.Array, w1, w3, w2) -> jax.Array:
+  """Experts applied group-wise: x [G, C, D], w1/w3 [G, D, F], w2 [G, F, D] -> [G, C, D]. A weight may be
+  AdaptedExperts (adapters [G, D, r] / [G, r, F]): its low-rank products are batched einsums as well."""
+  gate = product(_batched, x, w1)  # [G, C, F] (adapters: [G, C, r] -> [G, C, F])
+  up = product(_batched, x, w3)  # [G, C, F]
+  return product(_batched, jax.nn.silu(gate) * up, w2)  # [G, C, D] (adapters: [G, C, r] -> [G, C, D])
 
 
 def resolve_grouped_matmul(name: str) -> str:
@@ -96,17 +104,22 @@ def swiglu_blocks(rows: jax.Array, block_expert: jax.Array, w1, w3, w2) -> jax.A
   """rows [NB * b, D] grouped by expert in whole blocks -> [NB * b, D] via one batched matmul per weight.
 
   Each block's expert weights are gathered ([NB, D, F]); their gradient is a segment sum over blocks.
+  AdaptedExperts weights gather their adapters per block too ([NB, D, r], [NB, r, F]).
   """
   nb = block_expert.shape[0]
   x = rows.reshape(nb, rows.shape[0] // nb, rows.shape[1])  # [NB, b, D]
-  g1, g3, g2 = (jnp.take(w, block_expert, axis=0) for w in (w1, w3, w2))  # [NB, D, F], [NB, F, D]
+  g1, g3, g2 = (take_experts(w, block_expert) for w in (w1, w3, w2))  # [NB, D, F], [NB, F, D]
   return swiglu(x, g1, g3, g2).reshape(rows.shape)
 
 
 def swiglu_ragged(rows: jax.Array, group_sizes: jax.Array, w1, w3, w2, impl: str = "ragged_dot") -> jax.Array:
   """rows [R, D] sorted by expert (group e has group_sizes[e] rows; rows past the groups are zero),
-  through the grouped matmul `impl` (gmm.GMMS)."""
+  through the grouped matmul `impl` (gmm.GMMS). An AdaptedExperts weight runs its adapters through the
+  same grouped matmul and group sizes: gmm(gmm(rows, a), b), no dense per-expert delta."""
   from mixtral_jax.moe.gmm import gmm
-  gate = gmm(rows, w1, group_sizes, impl=impl)  # [R, F]
-  up = gmm(rows, w3, group_sizes, impl=impl)  # [R, F]
-  return gmm(jax.nn.silu(gate) * up, w2, group_sizes, impl=impl)  # [R, D]
+
+  def grouped(h, w):  # [R, In] x [E, In, Out] -> [R, Out], row r times its group's weight
+    return gmm(h, w, group_sizes, impl=impl)
+  gate = product(grouped, rows, w1)  # [R, F] (adapters: [R, r] -> [R, F])
+  up = product(grouped, rows, w3)  # [R, F]
+  return product(grouped, jax.nn.silu(gate) * up, w2)  # [R, D] (adapters: [R, r] -> [R, D])

@@ -1,13 +1,20 @@
 """Functional LoRA (Hu et al. 2021, arXiv:2106.09685), kept outside the modules.
 
 A weight W gets a low-rank update: W' = W + (alpha / rank) * A @ B, with A [in, r] random and B [r, out]
-zero, so training starts from the base model exactly. The train step builds the effective parameters with
-`merge(base, adapters)` before `nnx.merge`, and differentiates only with respect to the adapters; the
-model code never knows. Exporting is the same merge, done once.
+zero, so training starts from the base model exactly. The train step builds the parameters the model runs
+with by `apply(base, adapters)` before `nnx.merge`, and differentiates only with respect to the adapters:
+attention targets are merged there (small dense matrices, one per layer: cheap and exact), expert targets
+become `AdaptedExperts` (moe/adapted.py), which dispatch computes as x W_e + s (x A_e) B_e on the routed
+rows through the experts' own grouped matmul -- never a dense per-expert delta [L, E, in, out]. `merge`
+is the dense merge of every target: export and sampling, done once (and the path for dispatch strategies
+that cannot take AdaptedExperts: adapted.TAKES_ADAPTERS).
 
-Targets are weight names (`wq wk wv wo` in attention, `w1 w2 w3` in the experts) or the groups `attn`,
-`experts`, `all`. Expert weights get one adapter per expert: A [L, E, in, r], B [L, E, r, out].
-Adapters mirror the parameter tree: adapters["layers"]["attn"]["wq"] = {"a": ..., "b": ...}.
+Targets are weight names (`wq wk wv wo` in attention, `w1 w2 w3` in the experts), the groups `attn`,
+`experts`, `all` (attention and experts), and `router`: the router's parameters trained in full (its
+kernel is [L, D, E], tiny), alongside the adapters; without it the router stays frozen. Expert weights get
+one adapter per expert: A [L, E, in, r], B [L, E, r, out]. Adapters mirror the parameter tree:
+adapters["layers"]["attn"]["wq"] = {"a": ..., "b": ...}; a fully trained parameter stores {"w": ...}
+(adapters["layers"]["moe"]["router"]["kernel"] = {"w": [L, D, E]}), float32 like the adapters.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixtral_jax.config import ConfigError
+from mixtral_jax.moe.adapted import AdaptedExperts
 
 # name -> (path in the parameter tree, leading batch axes, input axes). Shapes:
 #   wq/wk/wv [L | D | H, Dh]   wo [L | H, Dh | D]   w1/w3 [L, E | D | F]   w2 [L, E | F | D]
@@ -33,18 +41,21 @@ LEAVES = {
 }
 GROUPS = {"attn": ("wq", "wk", "wv", "wo"), "experts": ("w1", "w3", "w2")}
 GROUPS["all"] = GROUPS["attn"] + GROUPS["experts"]
+EXPERT_TARGETS = GROUPS["experts"]  # applied on the routed rows (AdaptedExperts), never merged in training
+# name -> subtree of the parameter tree whose every parameter is trained in full (float32 copy {"w": ...}).
+FULL = {"router": ("layers", "moe", "router")}
 
 
 def parse_targets(targets) -> tuple[str, ...]:
-  """'attn' / 'wq,wv' / 'attn,experts' / a tuple -> weight names, validated."""
+  """'attn' / 'wq,wv' / 'experts,router' / a tuple -> target names (weights, and `router`), validated."""
   items = targets.split(",") if isinstance(targets, str) else list(targets)
   names = []
   for item in (i.strip() for i in items):
     if not item:
       continue
-    if item not in GROUPS and item not in LEAVES:
+    if item not in GROUPS and item not in LEAVES and item not in FULL:
       raise ConfigError(f"config.train.lora.targets has unknown target {item!r}; known: "
-                        f"{', '.join(list(GROUPS) + list(LEAVES))}")
+                        f"{', '.join(list(GROUPS) + list(LEAVES) + list(FULL))}")
     names += [n for n in GROUPS.get(item, (item,)) if n not in names]
   if not names:
     raise ConfigError("config.train.lora.targets is empty")
@@ -57,6 +68,14 @@ def _get(tree, path):
   return tree
 
 
+def _find(tree, path):
+  """The subtree at `path`, or None when it is absent."""
+  try:
+    return _get(tree, path)
+  except (KeyError, TypeError):
+    return None
+
+
 def _set(tree: dict, path, value) -> None:
   for key in path[:-1]:
     tree = tree.setdefault(key, {})
@@ -64,11 +83,15 @@ def _set(tree: dict, path, value) -> None:
 
 
 def init(params, *, rank: int, targets, key) -> dict:
-  """Adapters for `targets` of the parameter tree: A ~ N(0, 1/in_features), B = 0 (float32)."""
+  """Adapters for `targets` of the parameter tree: A ~ N(0, 1/in_features), B = 0 (float32); a `router`
+  target starts as a float32 copy of the router's parameters. Either way training starts at the base."""
   if rank <= 0:
     raise ConfigError(f"config.train.lora.rank must be positive, got {rank}")
   adapters: dict = {}
   for i, name in enumerate(parse_targets(targets)):
+    if name in FULL:
+      _set(adapters, FULL[name], jax.tree.map(lambda w: {"w": w.astype(jnp.float32)}, _get(params, FULL[name])))
+      continue
     path, batch_axes, in_axes = LEAVES[name]
     shape = _get(params, path).shape
     lead, fan_in, fan_out = shape[:batch_axes], shape[batch_axes:batch_axes + in_axes], shape[batch_axes + in_axes:]
@@ -89,36 +112,63 @@ def delta(a: jax.Array, b: jax.Array, batch_axes: int) -> jax.Array:
   return jnp.einsum("gir,gro->gio", a2, b2).reshape(*lead, *fan_in, *fan_out)
 
 
+def _merged(weight, adapter, batch_axes: int, scale: float):
+  """W + scale * A @ B in W's dtype (float32 arithmetic)."""
+  update = scale * delta(adapter["a"], adapter["b"], batch_axes)
+  return (weight.astype(jnp.float32) + update).astype(weight.dtype)
+
+
+def _with_full(out: dict, params, adapters) -> None:
+  """The fully trained parameters (FULL targets) into `out`, each in its base parameter's dtype."""
+  for path in FULL.values():
+    trained = _find(adapters, path)
+    if trained is not None:
+      _set(out, path, jax.tree.map(lambda w, t: t["w"].astype(w.dtype), _get(params, path), trained))
+
+
 def merge(params, adapters, *, alpha: float, rank: int):
-  """Effective parameters W + (alpha / rank) * A @ B for every adapted weight, in W's dtype. Pure: returns a
-  new tree sharing the untouched leaves."""
+  """Effective parameters W + (alpha / rank) * A @ B for every adapted weight (and the trained router), in W's
+  dtype: dense, for export and sampling. Pure: returns a new tree sharing the untouched leaves."""
   scale = alpha / rank
   merged = jax.tree.map(lambda x: x, params)  # new containers, same leaves
   for name, (path, batch_axes, _) in LEAVES.items():
-    try:
-      adapter = _get(adapters, path)
-    except KeyError:
-      continue
-    weight = _get(params, path)
-    update = scale * delta(adapter["a"], adapter["b"], batch_axes)
-    _set(merged, path, (weight.astype(jnp.float32) + update).astype(weight.dtype))
+    adapter = _find(adapters, path)
+    if adapter is not None:
+      _set(merged, path, _merged(_get(params, path), adapter, batch_axes, scale))
+  _with_full(merged, params, adapters)
   return merged
 
 
+def apply(params, adapters, *, alpha: float, rank: int):
+  """The parameters the model trains and evaluates with: expert targets become AdaptedExperts(W, A, B,
+  alpha / rank), computed on the routed rows by the dispatch's grouped matmul (no [L, E, in, out] delta);
+  attention targets are merged (one small dense matrix per layer); a trained router replaces the base one.
+  Equals `merge` as a function of the inputs. Pure: returns a new tree sharing the untouched leaves."""
+  scale = alpha / rank
+  out = jax.tree.map(lambda x: x, params)  # new containers, same leaves
+  for name, (path, batch_axes, _) in LEAVES.items():
+    adapter = _find(adapters, path)
+    if adapter is None:
+      continue
+    weight = _get(params, path)
+    if name in EXPERT_TARGETS:  # [L, E, In, Out] with a [L, E, In, r], b [L, E, r, Out]
+      _set(out, path, AdaptedExperts(weight, adapter["a"], adapter["b"], scale))
+    else:
+      _set(out, path, _merged(weight, adapter, batch_axes, scale))
+  _with_full(out, params, adapters)
+  return out
+
+
 def count(adapters) -> int:
+  """Trained parameters: adapter entries plus fully trained ones."""
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
 
 
 def targets_of(adapters) -> list[str]:
-  """Names of the adapted weights (for logs)."""
-  out = []
-  for name, (path, _, _) in LEAVES.items():
-    try:
-      _get(adapters, path)
-      out.append(name)
-    except KeyError:
-      pass
-  return out
+  """Names of the adapted weights and fully trained targets (for logs)."""
+  paths = {name: path for name, (path, _, _) in LEAVES.items()}
+  paths.update(FULL)
+  return [name for name, path in paths.items() if _find(adapters, path) is not None]
 
 
 def as_numpy(tree) -> Any:

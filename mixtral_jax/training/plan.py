@@ -10,7 +10,8 @@ the per-device batch (`saved_residuals`, the function behind jax.ad_checkpoint.p
 
 Regimes: `train` (float32 master weights, float32 gradients, AdamW mu/nu float32: 16 bytes per parameter) and
 `lora` (frozen base in param_dtype, float32 adapters with their gradients and AdamW state, plus one merged
-copy of the adapted weights in param_dtype, which is how mixtral_jax builds the effective weights each step).
+copy in param_dtype of the weights mixtral_jax merges each step: the attention ones, and the experts' only
+under a dispatch that cannot run adapters on the routed rows (moe/adapted.py: expert-parallel shard_map)).
 
 Estimates, not promises: activations assume tokens split over the data/fsdp/expert axes and (conservatively)
 not over `tensor`; the working set adds one layer's gathered weights twice (FSDP prefetch), one layer's
@@ -32,6 +33,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from mixtral_jax.parallel import placement, sharding
 from mixtral_jax.config import ConfigError, ModelConfig, model_config_from
 from mixtral_jax.modes import MODES
+from mixtral_jax.moe.adapted import takes_adapters
 
 GiB = 1024 ** 3
 
@@ -98,7 +100,8 @@ def optimizer_bytes(abstract: dict, master_dtype) -> int:
 
 def lora_bytes(abstract: dict, rank: int, shards: dict) -> int:
   """Float32 adapters A [..., in, r] and B [..., r, out] for every LoRA target (one per expert), split over the
-  expert/tensor axes like their weight; x4 for adapter, gradient, AdamW mu and nu."""
+  expert/tensor axes like their weight; x4 for adapter, gradient, AdamW mu and nu. (A `router` target,
+  [L, D, E] float32 trained in full, is under 0.01% of these and not counted.)"""
   total = 0
   for path, (lead_axes, in_axes) in LORA_LEAVES.items():
     shape = abstract[path[0]][path[1]][path[2]].shape
@@ -197,8 +200,10 @@ def plan(cfg: ModelConfig, mesh_cfg: sharding.MeshConfig, *, hardware: str, batc
                 "activations": saved, "working set": working},
   }
   base = per_device_param_bytes(abstract, cfg.jnp_param_dtype)
+  # Expert adapters run on the routed rows (AdaptedExperts) unless the dispatch needs plain weights.
+  merged_leaves = [p for p in LORA_LEAVES if p[1] != "moe" or not takes_adapters(run.train_dispatch)]
   merged = sum(shard_bytes(abstract[p[0]][p[1]][p[2]].shape, cfg.jnp_param_dtype, abstract[p[0]][p[1]][p[2]].sharding)
-               for p in LORA_LEAVES)
+               for p in merged_leaves)
   rows["lora"] = {"params": base + merged, "gradients": 0,
                   "optimizer": lora_bytes(abstract, lora_rank, shape),
                   "activations": saved, "working set": working}

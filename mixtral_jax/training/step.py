@@ -17,6 +17,7 @@ from flax import nnx
 from mixtral_jax.training import lora
 from mixtral_jax.config import ConfigError, ModelConfig, model_config_from
 from mixtral_jax.execution import Execution, execution_from, resolve
+from mixtral_jax.moe.adapted import takes_adapters
 from mixtral_jax.moe.losses import LOSSES
 from mixtral_jax.moe.metrics import moe_metrics
 from mixtral_jax.model import abstract_model, init_state, subtree
@@ -26,6 +27,11 @@ from mixtral_jax.training.run_checkpoints import load_pretrained
 # Model fields a fine-tuning run may change on a loaded checkpoint: training options of the router, not
 # its shape. (How the model runs -- dispatch, remat, dtype, layout -- is config.run, never stored.)
 TRAINING_FIELDS = ("router_jitter", "router_logits_cap")
+# How LoRA's expert adapters run in training and evaluation forwards (Setup.lora_experts):
+#   grouped  AdaptedExperts through the dispatch's own grouped matmul: x W_e + s (x A_e) B_e on routed rows
+#   merged   W + s A B merged densely per expert each step (an [L, E, D, F] delta): for dispatch strategies
+#            that cannot take AdaptedExperts (expert-parallel shard_map), and the benchmarks' reference
+LORA_EXPERTS = ("grouped", "merged")
 
 
 class Setup(NamedTuple):
@@ -35,6 +41,7 @@ class Setup(NamedTuple):
   base: Any                 # every parameter (pure dict): the frozen base under LoRA, else the initial weights
   rest: Any                 # non-parameter model state (pure dict; {} for the stock routers)
   lora: Optional[dict]      # {"rank", "alpha", "targets"} or None for full training
+  lora_experts: str = "grouped"  # LORA_EXPERTS: how expert adapters run (decided once, from the dispatch)
 
 
 def build_setup(config) -> Setup:
@@ -66,7 +73,12 @@ def build_setup(config) -> Setup:
   if rank:
     spec = dict(rank=int(rank), alpha=float(config.train.lora.alpha),
                 targets=lora.parse_targets(config.train.lora.targets))
-  return Setup(cfg, graphdef, run, base, rest, spec)
+    if "router" in spec["targets"] and config.train.get("freeze_router"):
+      raise ConfigError("config.train.freeze_router=True contradicts the LoRA target 'router' in "
+                        "config.train.lora.targets (which trains the router); drop one of them")
+  # Evaluation runs the training dispatch (above), so one decision covers both forwards.
+  experts = "grouped" if takes_adapters(run.train_dispatch) else "merged"
+  return Setup(cfg, graphdef, run, base, rest, spec, experts)
 
 
 def next_token_loss(logits, targets, mask):
@@ -77,14 +89,27 @@ def next_token_loss(logits, targets, mask):
 
 
 def effective_params(setup: Setup, trainable, base):
-  """What the model runs with: the trainable tree itself, or base + LoRA updates merged."""
+  """The trained weights as plain arrays (export, sampling): the trainable tree itself, or base + LoRA
+  updates merged densely."""
   if setup.lora is None:
     return trainable
   return lora.merge(base, trainable, alpha=setup.lora["alpha"], rank=setup.lora["rank"])
 
 
+def model_params(setup: Setup, trainable, base):
+  """What training and evaluation forwards run with: the trainable tree itself, or base with LoRA applied
+  (lora.apply: expert adapters on the routed rows, attention merged), or merged densely when
+  setup.lora_experts == "merged"."""
+  if setup.lora is None:
+    return trainable
+  if setup.lora_experts not in LORA_EXPERTS:
+    raise ConfigError(f"Setup.lora_experts={setup.lora_experts!r} is not one of {', '.join(LORA_EXPERTS)}")
+  combine = lora.apply if setup.lora_experts == "grouped" else lora.merge
+  return combine(base, trainable, alpha=setup.lora["alpha"], rank=setup.lora["rank"])
+
+
 def forward(setup: Setup, trainable, base, rest, batch, *, train: bool, key=None):
-  model = nnx.merge(setup.graphdef, effective_params(setup, trainable, base), rest)
+  model = nnx.merge(setup.graphdef, model_params(setup, trainable, base), rest)
   return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
                train=train, key=key)
 

@@ -148,6 +148,8 @@ def _train_and_evaluate(config, workdir: str, mesh, rules) -> dict:
                  params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.base)))
   what = (f"LoRA rank {setup.lora['rank']} on {','.join(setup.lora['targets'])}: {summary['lora_params']:,} trained"
           if setup.lora else "all trained")
+  if setup.lora and set(setup.lora["targets"]) & set(lora.EXPERT_TARGETS):
+    what += f"; expert adapters {setup.lora_experts}"  # grouped: on the routed rows; merged: dense W + s A B
   print(f"model: {summary['params']:,} parameters ({what}), {cfg.num_layers} layers x {cfg.num_experts} experts "
         f"top-{cfg.top_k}, {setup.run.train_dispatch} dispatch, compute {setup.run.dtype}\n"
         f"data: {config.data.paths} -> {len(train_docs):,} training / {len(eval_docs):,} held-out documents, "
@@ -222,7 +224,7 @@ def _finish(config, workdir, setup, state, base, tokenizer, writer, ckpt, summar
           f"{math.exp(last['eval_loss']):,.1f} at step {last['step']} "
           f"(cross-entropy {first['eval_loss']:.3f} -> {last['eval_loss']:.3f} nats/token)")
   print(f"checkpoint: {ckpt.path(step)}")
-  params = effective_params(setup, state["params"], base)
+  params = effective_params(setup, state["params"], base)  # LoRA: merged densely, once
   if t.export or t.export_hf:
     from mixtral_jax.training.run_checkpoints import export
     summary.update(export(setup.cfg, params, workdir, hf=t.export_hf))
