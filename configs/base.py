@@ -53,6 +53,11 @@ def run_config():
       # mixtral_jax.attention for keys >= attention_min_len: flash | xla | cudnn | pallas_gpu | splash;
       # shorter ones and decode steps use xla (materialised scores). flash_block: rows per flash block.
       attention="auto", attention_min_len=0, flash_block=0,
+      # Routing override (adaptive compute), every phase: top_k > 0 sends each token to that many experts
+      # instead of config.model.top_k; top_p > 0 keeps the fewest experts whose router probabilities reach
+      # top_p (Huang et al. 2024), at most top_k (else all E). 0 = as trained. Softmax-top-k routers only
+      # (mixtral_topk, topk, switch, top_p). Not the sampler's config.top_k / config.top_p (generate.py).
+      top_k=0, top_p=0.0,
   ))
 
 

@@ -10,6 +10,9 @@ lives; the model then passes the resolved values down explicitly (no module glob
     run = resolve(run, purpose="inference")               # "auto" -> this backend's defaults
     model = build(cfg, seed, execution=run)               # or checkpoint.load_model(path, execution=run)
 
+`top_k` / `top_p` change routing, not speed alone: the same trained router with another number of
+experts per token, or top-p (adaptive) selection (moe/routers.py `select`); 0 = as trained.
+
 Phases: a forward with `train=True` is `train`; one new token per row against a KV cache is `decode`;
 any other forward (no cache, or a prompt into one) is `prefill`. Every default is *exact* (no token is
 dropped: equal to `dense`); `capacity` stays available by name, never a silent default.
@@ -46,6 +49,11 @@ class Execution:
   attention_min_len: int = 0       # keys shorter than this (and decode steps) use "xla" attention
   flash_block: int = 0             # query / key rows per block of flash (and kernel) attention
   rope_identity: str = "auto"      # on | off: rotary tables leave through an identity matmul (XLA:CPU)
+  # Routing override (adaptive compute at inference; applies to every phase, train=True forwards too):
+  # the trained router's logits re-selected (routers.routing_override_error says for which routers).
+  # 0 = as the model's config, a resolved value ("as trained"), never filled by `resolve`.
+  top_k: int = 0                   # > 0: experts per token instead of config.model.top_k
+  top_p: float = 0.0               # > 0: top-p routing with this threshold, <= top_k (else all E) experts
 
   def replace(self, **changes) -> "Execution":
     return validate(dataclasses.replace(self, **changes))
@@ -60,6 +68,7 @@ class Execution:
 
   @property
   def resolved(self) -> bool:
+    """Every backend-dependent field filled (top_k / top_p are not: their 0 means "as trained")."""
     return all(v not in ("auto", 0, None) for v in (self.train_dispatch, self.prefill_dispatch,
                self.decode_dispatch, self.grouped_matmul, self.layout, self.dtype, self.loop_block,
                self.causal_block, self.rope_identity, self.attention, self.attention_min_len,
@@ -144,6 +153,11 @@ def validate(run: Execution) -> Execution:
     value = getattr(run, name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
       raise ConfigError(f"config.run.{name} must be a non-negative integer (0 = auto), got {value!r}")
+  # top_k <= num_experts and the router's support need the model config: Mixtral.__init__ checks them.
+  if not isinstance(run.top_k, int) or isinstance(run.top_k, bool) or run.top_k < 0:
+    raise ConfigError(f"config.run.top_k must be a non-negative integer (0 = as trained), got {run.top_k!r}")
+  if isinstance(run.top_p, bool) or not isinstance(run.top_p, (int, float)) or not 0 <= run.top_p <= 1:
+    raise ConfigError(f"config.run.top_p must be in [0, 1] (0 = off), got {run.top_p!r}")
   return run
 
 

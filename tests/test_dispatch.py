@@ -17,7 +17,7 @@ from mixtral_jax.moe.dispatch_decode import ExpertList
 from mixtral_jax.execution import Execution
 from mixtral_jax.moe.grouped import block_layout, default_block_size, take_rows
 from mixtral_jax.model import build, with_execution
-from mixtral_jax.moe.routers import ROUTERS, RouterOutput, topk_gates
+from mixtral_jax.moe.routers import ROUTERS, RouterOutput, top_p_gates, topk_gates
 
 N, D, F, E = 29, 12, 18, 5
 TOL = 1e-5  # float32; strategies differ only in summation order (observed ~3e-7)
@@ -38,9 +38,9 @@ def dispatch(name, x, route, w1, w3, w2, top_k=2, capacity_factor=None, dtype=jn
   return DISPATCHERS.get(name)(x, route, w1, w3, w2, **kwargs)
 
 
-# Settings run through the contract besides each strategy's defaults: dropless' padded blocks and
-# ragged_dot, and sorted_loop's loop over whole 4-row blocks (its default block holds all 58 slots).
-VARIANTS = {"dropless": [dict(block_size=8), dict(grouped_matmul="ragged_dot")],
+# Settings run through the contract besides each strategy's defaults: dropless' padded blocks,
+# ragged_dot and the loop of row tiles (gmm.py), and sorted_loop's loop over whole 4-row blocks (its default block holds all 58 slots).
+VARIANTS = {"dropless": [dict(block_size=8), dict(grouped_matmul="ragged_dot"), dict(grouped_matmul="loop")],
             "sorted_loop": [dict(loop_block=4)]}
 CASES = [(name, {}) for name in DISPATCHERS.names()] + [(n, o) for n, opts in VARIANTS.items() for o in opts]
 
@@ -53,18 +53,35 @@ def test_every_strategy_module_is_registered():
   assert set(VARIANTS) <= set(DISPATCHERS.names())
 
 
+TOP_P = dict(threshold=0.8, max_k=3)  # on these logits tokens use 1, 2 or 3 experts (test_top_p_routes_vary)
+
+
 def _route_fn(router, x):
   """logits [N, E] -> RouterOutput, differentiable in the logits."""
   if router == "expert_choice":  # E slots per token, most unused: exercises skipping weight-0 slots
     out = ROUTERS.get(router)(D, E, 2, rngs=nnx.Rngs(0))(x)
     return lambda logits: out.replace(weights=jnp.where(out.weights > 0, jax.nn.softmax(logits, -1), 0.0))
+  if router == "top_p":  # adaptive: a variable number of used slots per token, the rest weight 0
+    return lambda logits: top_p_gates(logits, TOP_P["threshold"], TOP_P["max_k"], renormalize=True)
   return lambda logits: topk_gates(logits, 2, renormalize=router == "mixtral_topk")
+
+
+def _logits():
+  return 2.0 * jax.random.normal(jax.random.key(5), (N, E))
+
+
+def test_top_p_routes_vary():
+  """The contract's top-p routes really are adaptive (else router="top_p" would test top-k again)."""
+  counts = np.asarray(_route_fn("top_p", None)(_logits()).weights != 0).sum(-1)
+  assert set(counts.tolist()) == {1, 2, 3}
 
 
 def _value_and_grads(name, options, router):
   x, w1, w3, w2 = weights()
-  logits = 2.0 * jax.random.normal(jax.random.key(5), (N, E))
+  logits = _logits()
   route_of = _route_fn(router, x)
+  if router == "top_p":  # the slots per token the block passes (capacity N still: E / top_k below)
+    options = {"top_k": TOP_P["max_k"], **options}
 
   def f(x, logits, w1, w3, w2):
     y, stats = dispatch(name, x, route_of(logits), w1, w3, w2, **options)
@@ -77,12 +94,13 @@ def _dense_reference(router):
   return _value_and_grads("dense", {}, router)
 
 
-@pytest.mark.parametrize("router", ["mixtral_topk", "expert_choice"])
+@pytest.mark.parametrize("router", ["mixtral_topk", "expert_choice", "top_p"])
 @pytest.mark.parametrize("name,options", CASES, ids=[f"{n}{o or ''}" for n, o in CASES])
 def test_dispatcher_contract(name, options, router):
   """Every registered strategy (the ep_* ones as one shard, without a mesh), jitted: y [N, D] in the
   compute dtype and the common stats; finite gradients wrt x, router logits and expert weights; and,
-  with nothing dropped (capacity strategies get capacity N), outputs and all gradients equal dense."""
+  with nothing dropped (capacity strategies get capacity N), outputs and all gradients equal dense.
+  Routes: top-2, expert choice (E slots, most unused) and top-p (1 to 3 used slots per token)."""
   (_, (y, stats)), grads = _value_and_grads(name, options, router)
   (_, (ref, _)), ref_grads = _dense_reference(router)
   assert y.shape == (N, D) and y.dtype == jnp.float32

@@ -48,6 +48,20 @@ def test_config_errors_name_the_field():
       model_config_from({field: "x"})
 
 
+def test_routing_override_fields_resolve_as_given():
+  """top_k / top_p 0 is "as trained", a resolved value: resolve leaves both fields as they are."""
+  from configs import base
+  run = execution_from(base.run_config())  # the config file's run section carries both fields
+  assert (run.top_k, run.top_p) == (0, 0.0)
+  assert resolve(run).resolved and (resolve(run).top_k, resolve(run).top_p) == (0, 0.0)
+  assert (resolve(Execution(top_k=3, top_p=0.5)).top_k, resolve(Execution(top_k=3, top_p=0.5)).top_p) == (3, 0.5)
+  assert Execution(top_p=1).replace().top_p == 1
+  with pytest.raises(ConfigError, match=r"^config.run.top_p must be in \[0, 1\] \(0 = off\), got 2$"):
+    Execution(top_p=2).replace()
+  with pytest.raises(ConfigError, match=r"^config.run.top_k must be a non-negative integer"):
+    execution_from({"top_k": True})
+
+
 @pytest.mark.parametrize("backend", sorted(execution.BACKENDS))
 def test_backend_defaults_are_exact_registered_strategies(backend):
   run = resolve(Execution(), backend=backend)

@@ -45,7 +45,9 @@ def test_load_balancing_equals_transformers(num_experts, top_k, masked):
 
 # The value of each loss at perfect balance; README and losses.py document the same table.
 AT_BALANCE = {"load_balancing": lambda e, k: k, "z_loss": lambda e, k: np.log(e) ** 2,
-              "importance_cv2": lambda e, k: 0.0, "load_cv2": lambda e, k: 0.0, "seq_aux": lambda e, k: 1.0}
+              "importance_cv2": lambda e, k: 0.0, "load_cv2": lambda e, k: 0.0, "seq_aux": lambda e, k: 1.0,
+              "dynamic_entropy": lambda e, k: np.log(e)}
+BALANCING = sorted(set(AT_BALANCE) - {"dynamic_entropy"})  # dynamic_entropy rewards confidence instead
 
 
 @pytest.mark.parametrize("num_experts,top_k", [(8, 2), (6, 3), (4, 1)])
@@ -57,7 +59,7 @@ def test_values_at_perfect_balance(num_experts, top_k):
     np.testing.assert_allclose(float(got), value(num_experts, top_k), atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize("name", sorted(AT_BALANCE))
+@pytest.mark.parametrize("name", BALANCING)
 def test_losses_grow_with_imbalance_and_have_gradients(name):
   """A router preferring expert 0 scores worse than a uniform one (z-loss: larger logits); finite grads."""
   e, k = 7, 2
@@ -109,3 +111,24 @@ def test_seq_aux_is_per_sequence():
   np.testing.assert_allclose(seq_aux(route, num_experts=e, top_k=k), 2.0)  # f = [2, 0], P = [1, 0]
   pooled = jax.tree.map(lambda a: a.reshape(1, 1, 2 * t, *a.shape[3:]), route)
   np.testing.assert_allclose(seq_aux(pooled, num_experts=e, top_k=k), 1.0)  # one sequence: balanced
+
+
+def test_dynamic_entropy_by_hand_and_falls_as_the_router_gets_confident():
+  """Huang et al. 2024's dynamic loss: mean entropy of router.probs over real tokens and layers; lower
+  for a confident router (top-p then needs fewer experts), with finite gradients even at p = 0."""
+  probs = jnp.asarray([[[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], [[0.25, 0.25, 0.5], [1 / 3, 1 / 3, 1 / 3]]]])
+  route = RouterOutput(logits=jnp.log(probs), probs=probs, experts=jnp.zeros((1, 2, 2, 1), jnp.int32),
+                       weights=jnp.ones((1, 2, 2, 1)))
+  entropies = [np.log(2), 0.0, 1.5 * np.log(2), np.log(3)]  # [B=2, T=2] in nats
+  np.testing.assert_allclose(LOSSES.get("dynamic_entropy")(route, num_experts=3, top_k=1), np.mean(entropies),
+                             rtol=1e-6)
+  mask = jnp.asarray([[1, 0], [0, 1]])
+  np.testing.assert_allclose(LOSSES.get("dynamic_entropy")(route, mask=mask, num_experts=3, top_k=1),
+                             (np.log(2) + np.log(3)) / 2, rtol=1e-6)
+  grad = jax.grad(lambda p: LOSSES.get("dynamic_entropy")(route.replace(probs=p), num_experts=3, top_k=1))(probs)
+  assert bool(jnp.all(jnp.isfinite(grad)))
+  base = jax.random.normal(jax.random.key(4), (L, B, T, 7))
+  fn = jax.jit(lambda logits: LOSSES.get("dynamic_entropy")(route_from_logits(logits, 2), num_experts=7, top_k=2))
+  assert float(fn(4.0 * base)) < float(fn(base)) < float(fn(0.1 * base)) < np.log(7)
+  grad = jax.grad(fn)(base)
+  assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.max(jnp.abs(grad))) > 0

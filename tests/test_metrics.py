@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 from mixtral_jax.execution import Execution
 from mixtral_jax.moe.losses import z_loss
-from mixtral_jax.moe.metrics import expert_load, moe_metrics
+from mixtral_jax.moe.metrics import expert_load, experts_per_token, moe_metrics
 from mixtral_jax.model import build
 from mixtral_jax.moe.routers import RouterOutput
 
@@ -46,6 +46,16 @@ def test_padding_and_unused_slots_do_not_count():
   np.testing.assert_allclose(load, [[1 / 3, 1 / 3, 1 / 3, 0.0]])
 
 
+def test_experts_per_token_counts_used_slots_of_real_tokens():
+  """Adaptive compute: slots with weight 0 are not experts used; padding does not count."""
+  experts = [[[[0, 1, 2], [2, 3, 0], [3, 2, 1]]], [[[0, 1, 2], [1, 2, 3], [3, 2, 1]]]]  # [L=2, B=1, T=3, k=3]
+  weights = [[[[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]]], [[[1.0, 0, 0], [1.0, 0, 0], [0.5, 0.5, 0]]]]
+  r = route(experts, weights=weights)
+  np.testing.assert_allclose(experts_per_token(r), [2.0, 4 / 3], rtol=1e-6)
+  np.testing.assert_allclose(experts_per_token(r, jnp.asarray([[1, 1, 0]])), [1.5, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(moe_metrics(r)["experts_per_token"], [2.0, 4 / 3], rtol=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["stacked", "unstacked"])
 def test_model_metrics_have_one_value_per_layer(layout):
   """The model's router output and dispatch stats, in either layer layout, give [L] metrics."""
@@ -56,10 +66,11 @@ def test_model_metrics_have_one_value_per_layer(layout):
   mask = jnp.ones((2, 9)).at[1, :3].set(0)
   m = moe_metrics(out.router, out.moe_stats, mask)
   for name in ("router_entropy", "load_cv", "max_violation", "dead_experts", "z_loss", "dropped_fraction",
-               "dropped_tokens"):
+               "dropped_tokens", "experts_per_token"):
     assert m[name].shape == (cfg.num_layers,), name
   assert m["expert_load"].shape == (cfg.num_layers, cfg.num_experts)
   np.testing.assert_allclose(m["expert_load"].sum(-1), 1.0, rtol=1e-6)
   assert bool(jnp.all(m["dropped_fraction"] > 0))  # capacity 0.5 must drop
+  np.testing.assert_allclose(m["experts_per_token"], cfg.top_k)  # routed slots (drops: dropped_fraction)
   np.testing.assert_allclose(jnp.mean(m["z_loss"]), z_loss(out.router, mask=mask), rtol=1e-6)
   assert bool(jnp.all((m["router_entropy"] > 0) & (m["router_entropy"] <= 1)))

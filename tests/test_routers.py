@@ -15,7 +15,7 @@ from mixtral_jax.moe.routers import ROUTERS, RouterOutput, sinkhorn_log, topk_ga
 from mixtral_jax.moe.routers_extra import RouterBias, aux_free_bias_update, hash_experts, update_aux_free_bias
 
 D, E, N = 11, 7, 13  # distinct odd sizes
-SUM_TO_ONE = {"mixtral_topk", "noisy_topk", "hash", "aux_free_bias"}  # routers that promise it
+SUM_TO_ONE = {"mixtral_topk", "noisy_topk", "hash", "aux_free_bias", "top_p"}  # routers that promise it
 AT_MOST_ONE = {"topk", "switch", "sinkhorn", "expert_choice"}
 
 
@@ -103,6 +103,18 @@ def test_switch_requires_top1():
     tiny_config(router="switch", top_k=2)
   out = make("switch")(inputs()[0])
   np.testing.assert_allclose(out.weights[:, 0], jnp.max(out.probs, -1), rtol=1e-7)
+
+
+def test_top_p_router_is_adaptive():
+  """Fewer experts for confident tokens: each token's kept prefix is the shortest reaching the threshold
+  (details: tests/test_adaptive_routing.py)."""
+  router = make("top_p", top_k=E, threshold=0.5)
+  router.kernel[...] = 10.0 * router.kernel[...]  # peaked probabilities: counts vary
+  out = router(inputs(n=40)[0])
+  counts = np.asarray(out.weights != 0).sum(-1)
+  assert counts.min() == 1 and counts.max() > 1
+  top = np.take_along_axis(np.asarray(out.probs), np.asarray(out.experts), -1)
+  np.testing.assert_array_less(np.cumsum(top, -1)[np.arange(40), counts - 2][counts > 1], 0.5)
 
 
 def test_unknown_router_option_names_the_field():
@@ -266,7 +278,7 @@ def test_aux_free_bias_is_state_updated_outside_the_gradient():
 
 @pytest.mark.parametrize("name,dispatch", [
     ("topk", "capacity"), ("switch", "dropless"), ("noisy_topk", "dense"), ("expert_choice", "capacity"),
-    ("sinkhorn", "dropless"), ("hash", "capacity"), ("aux_free_bias", "dropless")])
+    ("sinkhorn", "dropless"), ("hash", "capacity"), ("aux_free_bias", "dropless"), ("top_p", "dropless")])
 def test_model_trains_with_router(name, dispatch):
   """End to end: a tiny model with each router (and some dispatch) runs forward and backward in training."""
   # Default tiny sizes: parameter init compiles per shape, so shared shapes keep the suite fast.

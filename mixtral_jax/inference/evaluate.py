@@ -185,7 +185,9 @@ def eval_mode(config, workdir):
     if len(counts) == 1:  # one random baseline: report the leaderboard's normalised score too
       result["acc_norm_leaderboard"] = normalized_score(result["acc_norm"], num_choices=counts.pop())
     result.pop("predictions")
-  result.update(task=e.task, data=e.data, checkpoint=config.checkpoint)
+  # The routing override changes the model's compute and scores: the result says which ran (0 = trained).
+  result.update(task=e.task, data=e.data, checkpoint=config.checkpoint,
+                routing={"top_k": model.execution.top_k, "top_p": model.execution.top_p})
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(result, f, indent=2)

@@ -90,8 +90,9 @@ def generate_mode(config, workdir):
   generated = int(sampling.generated_lengths(out, ids.shape[1], eos).max())
   steps = max(generated - 1, 1)  # the first token comes from the prefill
   run = model.execution
+  routing = "".join(f", run.{name}={getattr(run, name)}" for name in ("top_k", "top_p") if getattr(run, name))
   print(f"[{getattr(model, 'quant', None) or cfg.param_dtype}; {run.layout}, prefill {run.prefill_dispatch}, "
-        f"decode {run.decode_dispatch}] prefill: {ids.size} tokens in {prefill_s * 1e3:.1f} ms = "
+        f"decode {run.decode_dispatch}{routing}] prefill: {ids.size} tokens in {prefill_s * 1e3:.1f} ms = "
         f"{ids.size / prefill_s:.1f} tok/s | decode: {steps} steps x batch {len(prompts)} in "
         f"{decode_s * 1e3:.1f} ms = {steps * len(prompts) / decode_s:.1f} tok/s ({decode_s / steps * 1e3:.2f} "
         f"ms/step) | compile: prefill {compile_prefill:.1f} s, decode {compile_decode:.1f} s", file=sys.stderr)

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from mixtral_jax.config import DTYPES, ModelConfig
+from mixtral_jax.config import DTYPES, ConfigError, ModelConfig
 from mixtral_jax.model.cache import KVCache, advance_cache, prepare_inputs
 from mixtral_jax.moe.dispatch_decode import ExpertList
 from mixtral_jax.execution import Execution, resolve
 from mixtral_jax.model.layers import Attention, RMSNorm, normal_param
 from mixtral_jax.moe.block import MoEBlock
-from mixtral_jax.moe.routers import RouterOutput
+from mixtral_jax.moe.routers import RouterOutput, routing_override_error
 from mixtral_jax.parallel.sharding import constrain
 
 REMAT = {
@@ -75,7 +75,7 @@ class DecoderLayer(nnx.Module):
     h = x + h.astype(x.dtype)
     y, route, stats = self.moe(self.ffn_norm(h), dispatch=dispatch, token_ids=token_ids, train=train, key=key,
                                capacity_factor=run.capacity_factor, grouped_matmul=run.grouped_matmul,
-                               loop_block=run.loop_block)
+                               loop_block=run.loop_block, top_k=run.top_k, top_p=run.top_p)
     return h + y.astype(h.dtype), route, stats, new_cache
 
 
@@ -106,6 +106,7 @@ class Mixtral(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, execution: Optional[Execution] = None):
     run = execution if execution is not None and execution.resolved else resolve(
         execution, purpose="inference", param_dtype=config.param_dtype)
+    check_routing_override(config, run)
     self.config, self.execution = config, run
     dtype, pdt = DTYPES[run.dtype], config.jnp_param_dtype
     self.embed = normal_param(rngs, (config.vocab_size, config.dim), pdt, ("vocab", "embed"))
@@ -231,8 +232,17 @@ def active_param_count(config: ModelConfig) -> int:
 STACKED = Execution(layout="stacked")
 
 
+def check_routing_override(config: ModelConfig, run: Optional[Execution]) -> None:
+  """ConfigError (one line) if run.top_k / top_p cannot override config's router (where the model config
+  meets the execution: every builder and loader, before anything is traced)."""
+  problem = run and routing_override_error(config.router, run.top_k, run.top_p, config.num_experts)
+  if problem:
+    raise ConfigError(problem)
+
+
 def abstract_model(config: ModelConfig, execution: Optional[Execution] = None) -> Mixtral:
   """The model's skeleton (ShapeDtypeStruct leaves; nothing allocated)."""
+  check_routing_override(config, execution)  # outside eval_shape, which appends JAX's traceback note
   return nnx.eval_shape(lambda: Mixtral(config, rngs=nnx.Rngs(0), execution=execution))
 
 

@@ -53,10 +53,13 @@ class MoEBlock(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x, *, dispatch: str, token_ids=None, train=False, key=None, capacity_factor=1.25,
-               grouped_matmul="blocks", loop_block=128):
+               grouped_matmul="blocks", loop_block=128, top_k=0, top_p=0.0):
     """x [B, T, D] -> (y [B, T, D], RouterOutput with [B, T, ...] leaves, stats dict).
 
-    dispatch: a name in DISPATCHERS; capacity_factor, grouped_matmul, loop_block: its tuning."""
+    dispatch: a name in DISPATCHERS; capacity_factor, grouped_matmul, loop_block: its tuning.
+    top_k, top_p: the execution's routing override (0 = as built): the router's `select` re-selects from
+    its logits (routing_override_error, checked when the model is built, says which routers allow it).
+    The strategy is given the slots per token the route has (capacity sizes its buffers with them)."""
     b, t, d = x.shape
     flat = x.reshape(b * t, d)  # [N, D]
     router_key = jitter_key = None
@@ -69,9 +72,14 @@ class MoEBlock(nnx.Module):
                                  1.0 - self.router_jitter, 1.0 + self.router_jitter)
       router_in = flat.astype(jnp.float32) * noise
     ids = None if token_ids is None else token_ids.reshape(b * t)
-    route = self.router(router_in, token_ids=ids, train=train, key=router_key)
+    slots = self.top_k
+    if top_k or top_p:
+      route = self.router.select(self.router.logits(router_in), top_k=top_k, top_p=top_p)
+      slots = route.experts.shape[-1]  # [N, k'] with k' = top_k, or up to E for a top-p override
+    else:
+      route = self.router(router_in, token_ids=ids, train=train, key=router_key)
     y, stats = all_dispatchers().get(dispatch)(
-        flat, route, self.w1[...], self.w3[...], self.w2[...], dtype=self.dtype, top_k=self.top_k,
+        flat, route, self.w1[...], self.w3[...], self.w2[...], dtype=self.dtype, top_k=slots,
         capacity_factor=capacity_factor, grouped_matmul=grouped_matmul, loop_block=loop_block)
     if self.shared is not None:
       y = y + self.shared(flat)

@@ -15,6 +15,8 @@ normalise differently, so a weight tuned for one does not transfer to another:
   load_cv2         0      (Shazeer et al. 2017)
   seq_aux          1      (DeepSeek-V2/V3's sequence-wise loss before its alpha; some codebases omit
                            the E / k factor of f and report k / E)
+  dynamic_entropy  log(E) (Huang et al. 2024's dynamic loss; not a balance loss: it is *maximal* at
+                           uniform probabilities and 0 for a one-hot router, pulling against balance)
 """
 from __future__ import annotations
 
@@ -118,3 +120,24 @@ def seq_aux(router, *, mask=None, num_experts, top_k):
   per_seq = jnp.sum(f * p, axis=-1)  # [L, B]
   real = (tokens > 0).astype(jnp.float32)
   return jnp.sum(per_seq * real[None]) / (per_seq.shape[0] * jnp.maximum(jnp.sum(real), 1.0))
+
+
+@LOSSES.register("dynamic_entropy")
+def dynamic_entropy(router, *, mask=None, num_experts=None, top_k=None):
+  """Dynamic loss of top-p routing (Huang et al. 2024, arXiv:2403.07652): the entropy
+  -sum_e P_e log P_e of the router distribution `router.probs`, averaged over real tokens and layers.
+  Minimised, it makes the router confident, so the `top_p` router reaches its threshold with fewer
+  experts (without it, a flat router would select many experts to reach p). The paper adds it beside a
+  load-balancing loss, which keeps confidence from collapsing onto a few experts. log(E) for uniform
+  probabilities, 0 for one-hot ones."""
+  return jnp.mean(entropy_per_layer(router, mask))
+
+
+def entropy_per_layer(router, mask=None) -> jax.Array:
+  """[L] masked mean over tokens of the entropy of `router.probs` in nats (also metrics.moe_metrics)."""
+  p, m = _flat(router.probs, mask)  # [L, N, E]
+  p = p.astype(jnp.float32)
+  positive = p > 0
+  # 0 log 0 = 0, with finite gradients: the log never sees the zeros it is not used for.
+  plogp = jnp.where(positive, p * jnp.log(jnp.where(positive, p, 1.0)), 0.0)  # [L, N, E]
+  return jnp.einsum("ln,n->l", -jnp.sum(plogp, axis=-1), m) / jnp.maximum(jnp.sum(m), 1.0)

@@ -16,6 +16,11 @@ Adding a router is one decorated class (and one test in tests/test_routers.py):
 
 Token-dropping (expert_choice, hash) and state-carrying (aux_free_bias) routers live in
 mixtral_jax/moe/routers_extra.py; `import mixtral_jax.moe` (the package) registers both.
+
+Routers whose selection is softmax-then-top-k (`softmax_top_k = True`: mixtral_topk, topk, switch, top_p)
+also have `select(logits, *, top_k, top_p)`: the inference-time override of execution.Execution
+(config.run.top_k / top_p) re-selects from the trained router's logits with it, keeping the router's
+renormalisation rule. `routing_override_error` refuses the override for every other router.
 """
 from __future__ import annotations
 
@@ -74,6 +79,37 @@ def topk_gates(logits: jax.Array, top_k: int, *, renormalize: bool) -> RouterOut
   return RouterOutput(logits=logits, probs=probs, experts=experts.astype(jnp.int32), weights=top_probs)
 
 
+def top_p_gates(logits: jax.Array, threshold: float, max_k: int, *, renormalize: bool) -> RouterOutput:
+  """Top-p (dynamic) routing, Huang et al. 2024 (arXiv:2403.07652): softmax over all experts,
+  sorted descending; keep the smallest prefix whose cumulative probability reaches `threshold` (the
+  paper's t = argmin_k sum_{j <= k} P_j >= p), at least one expert and at most `max_k` slots. Slots beyond
+  the prefix get weight 0 (unused: every dispatcher skips them, metrics do not count them); `renormalize`
+  rescales the kept weights to sum to 1.
+
+  Slot j is kept iff the probability mass *before* it is < threshold, so the top expert always is. In
+  float32 that mass can round up to 1.0 before the last experts when their probabilities are below
+  ~6e-8; threshold >= 1 therefore keeps all `max_k` slots outright (= top-k with k = max_k, whatever the
+  rounding). (The authors' code, github.com/ZhenweiAn/Dynamic_MoE, keeps the prefix whose mass exceeds
+  p strictly and does not renormalise: renormalize=False and max_k = E reproduce it up to exact ties.)
+  """
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)  # [N, E]
+  top_probs, experts = jax.lax.top_k(probs, max_k)  # [N, k] descending
+  before = jnp.cumsum(top_probs, axis=-1) - top_probs  # [N, k] mass of the better experts
+  keep = (before < threshold) | (threshold >= 1.0)  # [N, k]; slot 0 always (before = 0 < threshold)
+  weights = jnp.where(keep, top_probs, 0.0)  # [N, k]
+  if renormalize:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)  # > 0: slot 0 holds >= 1/E
+  return RouterOutput(logits=logits, probs=probs, experts=experts.astype(jnp.int32), weights=weights)
+
+
+def softmax_gates(logits: jax.Array, *, top_k: int, top_p: float, renormalize: bool) -> RouterOutput:
+  """top_p > 0: top_p_gates with threshold top_p and at most top_k slots; else topk_gates with top_k."""
+  if top_p > 0:
+    return top_p_gates(logits, top_p, top_k, renormalize=renormalize)
+  return topk_gates(logits, top_k, renormalize=renormalize)
+
+
 def topk_renormalized(logits: jax.Array, top_k: int) -> RouterOutput:
   """Mixtral: softmax over all experts, keep the top-k, renormalise them to sum to 1."""
   return topk_gates(logits, top_k, renormalize=True)
@@ -105,6 +141,10 @@ class LinearRouter(nnx.Module):
 
   causal = True              # False: a token's routing depends on later tokens (no KV-cache decoding)
   needs_token_ids = False    # True: the router reads token ids (hash routing)
+  # True: selection is softmax over `logits` then top-k (or top-p), in every phase, so `select` can
+  # re-select with another k or threshold (config.run.top_k / top_p). Noise, balancing, biases, hashes
+  # or expert choice make it something else: False.
+  softmax_top_k = False
 
   def __init__(self, dim: int, num_experts: int, top_k: int, *, param_dtype=jnp.float32,
                rngs: nnx.Rngs, logits_cap: float = 0.0):
@@ -121,6 +161,27 @@ class LinearRouter(nnx.Module):
   def config_error(cls, top_k: int, num_experts: int, options: dict) -> Optional[str]:
     """A one-line problem with these settings for this router (naming the field), or None."""
     return None
+
+  def select(self, logits: jax.Array, *, top_k: int = 0, top_p: float = 0.0) -> RouterOutput:
+    """softmax_top_k routers: experts and weights from `logits` [N, E] with the config.run override
+    (top_k > 0: that many slots; top_p > 0: top-p with that threshold; 0: as built)."""
+    raise NotImplementedError(f"router {type(self).__name__} has no softmax-then-top-k selection")
+
+
+def routing_override_error(router: str, top_k: int, top_p: float, num_experts: int) -> Optional[str]:
+  """config.run.top_k / top_p against the model's config.model.router and num_experts: a one-line
+  problem naming the field, or None. Checked where the model is built (Mixtral.__init__)."""
+  if not (top_k or top_p):
+    return None
+  field = " and ".join(f"config.run.{name}={value!r}" for name, value in (("top_k", top_k), ("top_p", top_p))
+                       if value)
+  if not ROUTERS.get(router).softmax_top_k:
+    usable = ", ".join(n for n in ROUTERS.names() if ROUTERS.get(n).softmax_top_k)
+    return (f"{field} re-selects experts from a softmax-then-top-k router, which config.model.router="
+            f"{router!r} is not; it works with {usable} (0 = as trained)")
+  if top_k > num_experts:
+    return f"config.run.top_k={top_k} exceeds config.model.num_experts={num_experts}"
+  return None
 
 
 def _options_of(cls) -> dict:
@@ -145,11 +206,18 @@ def check_router_config(name: str, top_k: int, num_experts: int, options: dict) 
 class MixtralTopK(LinearRouter):
   """Mixtral (Jiang et al. 2024, arXiv:2401.04088): softmax -> top-k -> renormalise; k=2 by default.
 
-  Equal to softmax over the top-k logits. No noise, no state, no options.
+  Equal to softmax over the top-k logits. No noise, no state, no options. Under a config.run.top_p
+  override without top_k, up to all E experts (renormalised).
   """
 
+  softmax_top_k = True
+
+  def select(self, logits, *, top_k=0, top_p=0.0) -> RouterOutput:
+    k = top_k or (self.num_experts if top_p else self.top_k)
+    return softmax_gates(logits, top_k=k, top_p=top_p, renormalize=True)
+
   def __call__(self, x, *, token_ids=None, train=False, key=None) -> RouterOutput:
-    return topk_renormalized(self.logits(x), self.top_k)
+    return self.select(self.logits(x))
 
 
 @ROUTERS.register("topk")
@@ -169,11 +237,17 @@ class TopK(LinearRouter):
     super().__init__(dim, num_experts, top_k, param_dtype=param_dtype, rngs=rngs, logits_cap=logits_cap)
     self.batch_prioritized = bool(batch_prioritized)
 
-  def __call__(self, x, *, token_ids=None, train=False, key=None) -> RouterOutput:
-    out = topk_gates(self.logits(x), self.top_k, renormalize=False)
+  softmax_top_k = True
+
+  def select(self, logits, *, top_k=0, top_p=0.0) -> RouterOutput:
+    k = top_k or (self.num_experts if top_p else self.top_k)
+    out = softmax_gates(logits, top_k=k, top_p=top_p, renormalize=False)
     if self.batch_prioritized:
       out = out.replace(priority=out.weights[:, 0])  # [N] top-1 probability
     return out
+
+  def __call__(self, x, *, token_ids=None, train=False, key=None) -> RouterOutput:
+    return self.select(self.logits(x))
 
 
 @ROUTERS.register("switch")
@@ -190,6 +264,42 @@ class Switch(TopK):
     if top_k != 1:
       return f"config.model.router='switch' routes each token to one expert: set config.model.top_k=1 (got {top_k})"
     return None
+
+
+@ROUTERS.register("top_p")
+class TopP(LinearRouter):
+  """Dynamic (top-p) routing, Huang et al. 2024, "Harder Tasks Need More Experts" (arXiv:2403.07652):
+  each token gets the fewest experts whose softmax probabilities reach `threshold` (`top_p_gates`), at
+  most config.model.top_k of them: confident tokens use one expert, uncertain ones more. Pair it with the
+  paper's `dynamic_entropy` loss (losses.py), which makes the router confident so fewer experts are
+  needed, and a balancing loss; metrics.experts_per_token measures the compute it spends.
+
+  Options: threshold=0.4 (the paper's p; its released config sets top_p_threshold=0.4), renormalize=True
+  (kept weights sum to 1; the authors' code weights by the raw probabilities: False). config.model.top_k
+  caps the slots (buffers and capacity are sized for it); top_k = num_experts is the paper's uncapped rule.
+  """
+
+  softmax_top_k = True
+
+  def __init__(self, dim, num_experts, top_k, *, param_dtype=jnp.float32, rngs, logits_cap=0.0,
+               threshold: float = 0.4, renormalize: bool = True):
+    super().__init__(dim, num_experts, top_k, param_dtype=param_dtype, rngs=rngs, logits_cap=logits_cap)
+    self.threshold = float(threshold)
+    self.renormalize = bool(renormalize)
+
+  @classmethod
+  def config_error(cls, top_k, num_experts, options):
+    t = options.get("threshold", 0.4)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:
+      return f"config.model.router_options.threshold must be in (0, 1] for router 'top_p', got {t!r}"
+    return None
+
+  def select(self, logits, *, top_k=0, top_p=0.0) -> RouterOutput:
+    """config.run.top_p replaces the threshold, config.run.top_k the maximum number of slots."""
+    return top_p_gates(logits, top_p or self.threshold, top_k or self.top_k, renormalize=self.renormalize)
+
+  def __call__(self, x, *, token_ids=None, train=False, key=None) -> RouterOutput:
+    return self.select(self.logits(x))
 
 
 @ROUTERS.register("noisy_topk")
