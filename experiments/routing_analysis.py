@@ -100,7 +100,7 @@ def colour_tokens(model, tokenizer, text: str, path: str, layers=None, max_token
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   ids = tokenizer.encode(text, bos=True)[:max_tokens + 1]
-  router = model(jnp.asarray([ids], jnp.int32)).router
+  router = jax.jit(lambda m, t: m(t).router)(model, jnp.asarray([ids], jnp.int32))
   first = np.asarray(analysis.first_choice(router))[:, 0, 1:]  # [L, T-1] (BOS dropped)
   pieces = [_readable(p) for p in tokenizer.pieces(ids[1:])] if hasattr(tokenizer, "pieces") \
       else [tokenizer.decode([i]) for i in ids[1:]]

@@ -288,12 +288,8 @@ def main(argv=None) -> int:
         what = f"an Orbax checkpoint from the {summary['layout']} layout"
       if tty:
         print()
-  except (CheckpointError, ConfigError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  except OSError as e:  # permissions, disk full, a file vanishing mid-run: still the user's environment
-    where = f"{e.filename}: " if e.filename else ""
-    print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+  except (CheckpointError, ConfigError, OSError) as e:
+    print(formats.error_line(e), file=sys.stderr)
     return 2
   gb, s = summary["bytes"] / 1e9, summary["seconds"]
   print(f"wrote {args.dst}: {what}, {gb:.3f} GB {summary['dtype']} in {s:.1f} s ({gb * 1e3 / max(s, 1e-9):.0f} MB/s)")

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mixtral_jax.checkpoints import formats
 from mixtral_jax.checkpoints import loading
 from mixtral_jax.checkpoints import store as checkpoint
 from mixtral_jax.checkpoints.formats import CheckpointError
@@ -196,12 +197,8 @@ def main(argv: Optional[list] = None) -> int:
   try:
     args = _parser().parse_args(argv)
     summary = run_surgery(args)
-  except (CheckpointError, ConfigError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-  except OSError as e:  # permissions, disk full, a file vanishing mid-run: still the user's environment
-    where = f"{e.filename}: " if e.filename else ""
-    print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+  except (CheckpointError, ConfigError, OSError) as e:
+    print(formats.error_line(e), file=sys.stderr)
     return 2
   for note in summary["notes"]:
     print(f"note: {note}")

@@ -40,6 +40,15 @@ FLOAT_DTYPES = {"float32": np.dtype("<f4"), "bfloat16": np.dtype(ml_dtypes.bfloa
 _MAX_HEADER = 100 << 20  # a header larger than this is corruption, not a real checkpoint
 
 
+def error_line(e: BaseException) -> str:
+  """A user-caused error (CheckpointError, ConfigError, or an OSError: permissions, a full disk, a file
+  vanishing mid-run, still the user's environment) as the one line the command-line tools print."""
+  if isinstance(e, OSError):
+    where = f"{e.filename}: " if e.filename else ""
+    return f"error: {where}{e.strerror or e}"
+  return f"error: {' '.join(str(e).split())}"
+
+
 def dtype_name(dtype) -> str:
   return np.dtype(dtype).name
 
