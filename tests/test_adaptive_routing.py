@@ -151,6 +151,7 @@ def test_override_through_load_model_and_with_execution(weights, tmp_path):
     checkpoint.load_model(tmp_path / "ckpt", execution=Execution(top_k=8))
 
 
+@pytest.mark.slow  # end to end (20-45 s); `-m slow` runs it
 def test_top_p_prefill_decode_and_generate_equal_dense(weights):
   """run.top_p=0.7, run.top_k=3 (variable experts per token): the CPU default execution (unstacked;
   sorted_loop prefill, routed_cond decode) equals dense dispatch with the same override (stacked):

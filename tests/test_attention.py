@@ -200,6 +200,7 @@ def test_model_flash_equals_xla(window=9):
   np.testing.assert_array_equal(sampling.generate(fast, prompts, 6, prefill_chunk=4), expected)
 
 
+@pytest.mark.slow  # end to end (20-45 s); `-m slow` runs it
 def test_long_sequence_memory_is_linear():
   """Width-64 2-layer model, default execution (flash from 2048 keys): forward and forward+backward temp
   memory grow at most 12x from 4k to 32k tokens (8x the length; the materialised scores grew 55x) and

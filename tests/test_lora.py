@@ -164,6 +164,7 @@ def test_adapted_experts_over_a_quantized_base(name):
 
 # --- training: what moves, what the export holds -------------------------------------------------------------
 
+@pytest.mark.slow  # end to end (20-45 s); `-m slow` runs it
 def test_lora_finetune_trains_only_adapters_and_exports_the_same_model(corpus, tmp_path):
   """Attention (merged in training) and expert (on the routed rows) adapters plus the router in full: the
   export changes exactly those, equals the adapter model, and reloads in HF MixtralForCausalLM."""
