@@ -33,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import report  # noqa: E402
 from experiments.bench_train import make_batch, train_config  # noqa: E402
 from mixtral_jax.config import model_config_from, to_dict as model_dict  # noqa: E402
 from mixtral_jax.execution import Execution, to_dict as execution_dict  # noqa: E402
@@ -136,13 +137,8 @@ def main(argv=None):
   out = dict(preset=args.preset, model=preset["model"], batch=preset["batch"], seq_len=preset["seq_len"],
              rank=args.rank, steps=args.steps, repeats=args.repeats, backend=jax.default_backend(),
              cpu_count=os.cpu_count(), load_avg_before=load_before, load_avg_after=os.getloadavg()[0], rows=rows)
-  stem = args.out or os.path.join(RESULTS, "bench_lora_experts")
-  os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-  with open(stem + ".json", "w") as f:
-    json.dump(out, f, indent=2, default=float)
-  with open(stem + ".md", "w") as f:
-    f.write(markdown(out))
-  print(markdown(out))
+  out = json.loads(json.dumps(out, default=float))  # numpy scalars -> plain floats
+  report.write_results(args.out or os.path.join(RESULTS, "bench_lora_experts"), out, markdown(out).splitlines())
 
 
 def markdown(out: dict) -> str:

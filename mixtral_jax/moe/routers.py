@@ -162,6 +162,11 @@ class LinearRouter(nnx.Module):
     """A one-line problem with these settings for this router (naming the field), or None."""
     return None
 
+  def override_slots(self, top_k: int, top_p: float) -> int:
+    """Slots per token under a config.run override: top_k if set; else every expert for top-p (it picks
+    how many it needs); else the router's own top_k."""
+    return top_k or (self.num_experts if top_p else self.top_k)
+
   def select(self, logits: jax.Array, *, top_k: int = 0, top_p: float = 0.0) -> RouterOutput:
     """softmax_top_k routers: experts and weights from `logits` [N, E] with the config.run override
     (top_k > 0: that many slots; top_p > 0: top-p with that threshold; 0: as built)."""
@@ -213,8 +218,7 @@ class MixtralTopK(LinearRouter):
   softmax_top_k = True
 
   def select(self, logits, *, top_k=0, top_p=0.0) -> RouterOutput:
-    k = top_k or (self.num_experts if top_p else self.top_k)
-    return softmax_gates(logits, top_k=k, top_p=top_p, renormalize=True)
+    return softmax_gates(logits, top_k=self.override_slots(top_k, top_p), top_p=top_p, renormalize=True)
 
   def __call__(self, x, *, token_ids=None, train=False, key=None) -> RouterOutput:
     return self.select(self.logits(x))
@@ -240,8 +244,7 @@ class TopK(LinearRouter):
   softmax_top_k = True
 
   def select(self, logits, *, top_k=0, top_p=0.0) -> RouterOutput:
-    k = top_k or (self.num_experts if top_p else self.top_k)
-    out = softmax_gates(logits, top_k=k, top_p=top_p, renormalize=False)
+    out = softmax_gates(logits, top_k=self.override_slots(top_k, top_p), top_p=top_p, renormalize=False)
     if self.batch_prioritized:
       out = out.replace(priority=out.weights[:, 0])  # [N] top-1 probability
     return out

@@ -129,14 +129,7 @@ def _with_full(out: dict, params, adapters) -> None:
 def merge(params, adapters, *, alpha: float, rank: int):
   """Effective parameters W + (alpha / rank) * A @ B for every adapted weight (and the trained router), in W's
   dtype: dense, for export and sampling. Pure: returns a new tree sharing the untouched leaves."""
-  scale = alpha / rank
-  merged = jax.tree.map(lambda x: x, params)  # new containers, same leaves
-  for name, (path, batch_axes, _) in LEAVES.items():
-    adapter = _find(adapters, path)
-    if adapter is not None:
-      _set(merged, path, _merged(_get(params, path), adapter, batch_axes, scale))
-  _with_full(merged, params, adapters)
-  return merged
+  return _combine(params, adapters, alpha / rank, grouped_experts=False)
 
 
 def apply(params, adapters, *, alpha: float, rank: int):
@@ -144,14 +137,18 @@ def apply(params, adapters, *, alpha: float, rank: int):
   alpha / rank), computed on the routed rows by the dispatch's grouped matmul (no [L, E, in, out] delta);
   attention targets are merged (one small dense matrix per layer); a trained router replaces the base one.
   Equals `merge` as a function of the inputs. Pure: returns a new tree sharing the untouched leaves."""
-  scale = alpha / rank
+  return _combine(params, adapters, alpha / rank, grouped_experts=True)
+
+
+def _combine(params, adapters, scale: float, *, grouped_experts: bool):
+  """merge (every adapted weight merged densely) or apply (expert weights wrapped as AdaptedExperts)."""
   out = jax.tree.map(lambda x: x, params)  # new containers, same leaves
   for name, (path, batch_axes, _) in LEAVES.items():
     adapter = _find(adapters, path)
     if adapter is None:
       continue
     weight = _get(params, path)
-    if name in EXPERT_TARGETS:  # [L, E, In, Out] with a [L, E, In, r], b [L, E, r, Out]
+    if grouped_experts and name in EXPERT_TARGETS:  # [L, E, In, Out] with a [L, E, In, r], b [L, E, r, Out]
       _set(out, path, AdaptedExperts(weight, adapter["a"], adapter["b"], scale))
     else:
       _set(out, path, _merged(weight, adapter, batch_axes, scale))
