@@ -14,7 +14,6 @@ layer: the paper's figure 8). notebooks/04_routing_analysis.ipynb runs these sam
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -25,6 +24,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments import report  # noqa: E402
 from mixtral_jax.moe import analysis  # noqa: E402
 
 
@@ -171,14 +171,11 @@ def main(argv=None):
   lines = [f"# Routing analysis: {args.checkpoint} ({cfg.num_layers} layers, {cfg.num_experts} experts, "
            f"top-{cfg.top_k}), held-out default corpus", "", *table(trained, initial, cfg.num_experts, cfg.top_k),
            "", "Initial = the same architecture at its random initial weights (seed 0), on the same tokens."]
-  with open(os.path.join(args.out, "routing_analysis.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(args.out, "routing_analysis.json"), "w") as f:
-    json.dump({"checkpoint": args.checkpoint, "trained": trained, "initial": initial}, f, indent=1)
+  report.write_results(os.path.join(args.out, "routing_analysis"),
+                       {"checkpoint": args.checkpoint, "trained": trained, "initial": initial}, lines)
   plot_coactivation(trained["coactivation"], os.path.join(args.out, "coactivation.png"))
   text = next((d.text for d in held if len(d.text) >= 1500), held[0].text)
   colour_tokens(model, tokenizer, text[:1500], os.path.join(args.out, "token_colouring.png"))
-  print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ OUT/surgery.md and OUT/surgery.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from experiments import report  # noqa: E402
 from experiments.routing_analysis import heldout_batches  # noqa: E402
 
 
@@ -166,12 +166,10 @@ def main(argv=None):
   wide = wide_decode(args, prompt)
   record = dict(checkpoint=args.checkpoint, rows=rows, wide=wide, calibration=calibration.split(","), surgery_seconds=seconds,
                 machine=dict(devices=str(jax.devices()), jax=jax.__version__), quick=args.quick)
-  with open(os.path.join(args.out, "surgery.json"), "w") as f:
-    json.dump(record, f, indent=1)
-  write_table(record, os.path.join(args.out, "surgery.md"), args)
+  report.write_results(os.path.join(args.out, "surgery"), record, table_lines(record, args))
 
 
-def write_table(record: dict, path: str, args):
+def table_lines(record: dict, args) -> list:
   rows = record["rows"]
   base = rows[0]
   base_rate = float(np.median(base["decode_tok_s"]))
@@ -199,9 +197,7 @@ def write_table(record: dict, path: str, args):
     med = float(np.median(rates))
     lines.append(f"| {r['setting']} | {r['experts']} | {r['experts_per_token']:.2f} | {med:.1f} "
                  f"({min(rates):.1f}–{max(rates):.1f}) | {med / base_rate:.2f}x |")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  return lines
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from configs import base  # noqa: E402
+from experiments import report  # noqa: E402
 from experiments.bench_train import model_flops_per_token  # noqa: E402
 from mixtral_jax.config import model_config_from  # noqa: E402
 
@@ -157,14 +158,11 @@ def main(argv=None):
                 scratch_steps=scratch_steps, flops_per_step=dict(dense=dense_step, moe=moe_step),
                 comparisons=comparisons, rows=rows, curves=curves, seconds=seconds,
                 continue_learning_rate=CONTINUE_LR, quick=args.quick)
-  with open(os.path.join(args.out, "upcycling.json"), "w") as f:
-    json.dump(result, f, indent=1)
-  write_table(result, os.path.join(args.out, "upcycling.md"))
+  report.write_results(os.path.join(args.out, "upcycling"), result, table_lines(result))
   plot(curves, dense_total, os.path.join(args.out, "upcycling.png"))
-  print(open(os.path.join(args.out, "upcycling.md")).read())
 
 
-def write_table(result: dict, path: str):
+def table_lines(result: dict) -> list:
   pf = lambda f: f"{f / 1e12:.2f}"  # noqa: E731
   cell = lambda x: f"{x:.3f} ({math.exp(x):,.0f})" if x == x else "—"  # noqa: E731
   c = result["comparisons"]
@@ -186,8 +184,7 @@ def write_table(result: dict, path: str):
             f"At equal compute after the dense checkpoint exists ({pf(c['sunk']['flops'])} TFLOPs, the dense run a "
             f"sunk cost): upcycled {cell(c['sunk']['upcycled'])}, scratch {cell(c['sunk']['scratch'])}.",
             f"(The upcycled and dense_continued curves start at {pf(offsets['upcycled'])} TFLOPs.)"]
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  return lines
 
 
 def plot(curves: dict, dense_total: float, path: str):
